@@ -1,0 +1,901 @@
+"""GRPO-RM: Fine-Tuning Representation Models via GRPO-Driven Reinforcement Learning.
+
+A single-file reference implementation of Xu, Jiao, Zhang & Li, arXiv 2511.15256.
+DINOv2 is post-trained for image classification or semantic segmentation with GRPO-RM
+(`--method grpo`) or with standard fine-tuning (`--method ce`), or left as it is
+(`--method frozen`); the post-trained backbone is then frozen and evaluated with a fresh head
+(softmax regression and kNN for classification; pixel accuracy, IoU and mIoU for segmentation).
+
+    python grpo_rm.py --dataset cifar10 --data-dir data/                        # one GPU or CPU
+    torchrun --nproc_per_node=4 grpo_rm.py --task seg --dataset voc --data-dir data/
+
+The file reads top to bottom: config, data, model (torch.hub DINOv2 + heads), the method
+(rewards, advantages, the clipped GRPO objective, θ_old), training (bf16, DDP), evaluation,
+main. "Eq. (n)" cites the paper; NOTES marks a point the paper leaves open and how it is fixed.
+"""
+import argparse
+import copy
+import glob
+import json
+import math
+import os
+import re
+import resource
+import sys
+import time
+import types
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+
+class UserError(Exception):
+    """Bad input. Printed as one line that names the flag or file, exit code 2, no traceback."""
+
+
+# -----------------------------------------------------------------------------
+# Config: every flag, with defaults that reproduce the paper (Section 4.2)
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="GRPO-RM / fine-tuning / frozen evaluation of DINOv2",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--task", choices=["cls", "seg"], default=None, help="default: the dataset's task")
+    a("--dataset", choices=sorted(DATASETS), default=None)
+    a("--data-dir", default="data", help="dataset root (layouts in README)")
+    a("--num-classes", type=int, default=None, help="required for vocfolder; default: the dataset's")
+    a("--model", default="dinov2_vits14", help="torch.hub entry point: dinov2_vit{s,b,l,g}14[_reg]")
+    a("--hub-repo", default="facebookresearch/dinov2", help="GitHub owner/name, or a local directory")
+    a("--weights", default=None, help="local backbone state dict (offline use); strict load")
+    a("--method", choices=["grpo", "ce", "frozen"], default="grpo")
+    a("--uniformity", choices=sorted(UNIFORMITY), default="eq4", help="Table 6 ablation")
+    a("--clip-eps", type=float, default=0.2, help="ε of Eq. (1)")
+    a("--epochs", type=int, default=100)
+    a("--eval-epochs", type=int, default=50, help="epochs of the head trained on frozen features")
+    a("--batch-size", type=int, default=None, help="global batch m; default 1024 (cls) / 256 (seg)")
+    a("--lr", type=float, default=None, help="start lr per 256 images; default 1e-3 (cls) / 1e-5 (seg); "
+                                              "cosine-decayed to lr/100")
+    a("--eval-lr", type=float, default=None, help="same rule for the evaluation head; default --lr")
+    a("--img-size", type=int, default=None, help="default 224 (cls) / 448 (seg); a multiple of the patch")
+    a("--seg-size", type=int, default=128, help="patch tokens are upsampled to this map size")
+    a("--hidden", type=int, default=None, help="head hidden width; default 256, 64 for voc")
+    a("--feature-type", choices=["linear", "ms"], default="linear", help="seg: last layer, or last 4 + "
+                                                                          "multi-scale test")
+    a("--ms-scales", default="1.0,1.32,1.73,2.28,3.0", help="test scales of --feature-type ms (DINOv2's)")
+    a("--background-penalty", action=argparse.BooleanOptionalAction, default=None,
+      help="seg: r_0 -= c/2 after Eq. (6); default on for voc only")
+    a("--subset", type=float, default=1.0, help="fraction of the training set used for post-training")
+    a("--seed", type=int, default=0)
+    a("--out", default="runs", help="each run writes OUT/NAME/result.json")
+    a("--name", default=None, help="run name; default derived from the flags")
+    a("--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype; default bf16 on GPU, fp32 on CPU")
+    a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes per rank")
+    a("--log-every", type=int, default=10, help="print progress every N steps")
+    a("--save-vis", type=int, default=0, metavar="K", help="seg: write K image|truth|prediction PNGs")
+    a("--no-sdpa", action="store_true", help="keep DINOv2's hand-written attention")
+    args = p.parse_args(argv)
+    if args.dataset is None:
+        raise UserError(f"--dataset is required (one of: {', '.join(sorted(DATASETS))})")
+    spec = DATASETS[args.dataset]
+    if args.task is not None and args.task != spec.task:
+        raise UserError(f"--dataset {args.dataset} is a {spec.task} dataset, but --task is {args.task}")
+    args.task = spec.task
+    seg = args.task == "seg"
+    args.batch_size = args.batch_size or (256 if seg else 1024)
+    args.lr = args.lr if args.lr is not None else (1e-5 if seg else 1e-3)
+    args.eval_lr = args.eval_lr if args.eval_lr is not None else args.lr
+    args.img_size = args.img_size or (448 if seg else 224)
+    args.hidden = args.hidden or (64 if args.dataset == "voc" else 256)
+    if args.background_penalty is None:
+        args.background_penalty = spec.background
+    if not 0.0 < args.subset <= 1.0:
+        raise UserError(f"--subset must be in (0, 1], got {args.subset}")
+    for flag in ("epochs", "eval_epochs", "batch_size", "img_size", "seg_size", "hidden"):
+        if getattr(args, flag) < (0 if flag == "epochs" else 1):
+            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    args.ms_scales = [float(s) for s in args.ms_scales.split(",")]
+    return args
+
+
+def run_name(args):
+    parts = [args.task, args.dataset, args.method]
+    parts += [args.uniformity] if args.method == "grpo" else []
+    parts += [args.feature_type] if args.task == "seg" else []
+    parts += [f"sub{args.subset:g}"] if args.subset < 1 else []
+    return args.name or "-".join(parts + [f"s{args.seed}"])
+
+
+# -----------------------------------------------------------------------------
+# Data: the real torchvision datasets and the real on-disk layouts of the paper's datasets
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, as DINOv2
+IGNORE = 255  # segmentation "no label" (VOC's 255; ADE20k's 0 is mapped to it)
+
+
+def load_rgb(path):
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:  # missing, truncated or not an image
+        raise UserError(f"{path}: cannot read image ({e})") from None
+
+
+def cls_transform(img_size, train):
+    # The paper gives no augmentation; we use the lightest standard one: resize the shorter side,
+    # crop (random in training, centre in evaluation; a no-op for square images), random flip.
+    crop = [v2.RandomCrop(img_size), v2.RandomHorizontalFlip()] if train else [v2.CenterCrop(img_size)]
+    return v2.Compose([v2.ToImage(), v2.Resize(img_size, interpolation=v2.InterpolationMode.BICUBIC),
+                       *crop, v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+
+def seg_transform(img_size, train):
+    # One geometric transform for image and mask (torchvision resizes a Mask with nearest neighbour).
+    size = (img_size, img_size)
+    geo = [v2.RandomResizedCrop(size, scale=(0.5, 1.0)), v2.RandomHorizontalFlip()] if train else [v2.Resize(size)]
+    return v2.Compose([*geo, v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
+                       v2.Normalize(MEAN, STD)])
+
+
+def torchvision_set(cls, splits):
+    """CIFAR-10/100, STL-10: torchvision's own loaders; download when missing, a clear error offline."""
+    def build(root, split, transform):
+        kw = dict(splits[split], transform=transform)
+        try:
+            return cls(root, download=False, **kw)
+        except RuntimeError:
+            pass  # not on disk yet
+        try:
+            return cls(root, download=True, **kw)
+        except Exception as e:
+            raise UserError(f"--data-dir {root}: {cls.__name__} is not there and could not be downloaded "
+                            f"({type(e).__name__}); offline, copy torchvision's files there") from None
+    return build
+
+
+def image_folder(root, split, transform):
+    """ImageNet (train/, val/) and any image folder (train/, test/ or val/, one folder per class)."""
+    for sub in (["train"] if split == "train" else ["test", "val"]):
+        if os.path.isdir(os.path.join(root, sub)):
+            try:
+                return torchvision.datasets.ImageFolder(os.path.join(root, sub), transform, loader=load_rgb)
+            except (FileNotFoundError, RuntimeError) as e:
+                raise UserError(f"--data-dir {root}: {e}") from None
+    raise UserError(f"--data-dir {root}: no {'train' if split == 'train' else 'test/ or val'}/ folder")
+
+
+class TinyImageNet(Dataset):
+    """The official tiny-imagenet-200 layout: wnids.txt, train/<wnid>/images/*.JPEG,
+    val/images/*.JPEG labelled by val/val_annotations.txt (file, wnid, box)."""
+
+    def __init__(self, root, split, transform):
+        try:
+            self.classes = open(os.path.join(root, "wnids.txt")).read().split()
+            index = {w: i for i, w in enumerate(self.classes)}
+            if split == "train":
+                self.samples = [(f, index[w]) for w in self.classes
+                                for f in sorted(glob.glob(os.path.join(root, "train", w, "images", "*.JPEG")))]
+            else:
+                lines = open(os.path.join(root, "val", "val_annotations.txt")).read().splitlines()
+                self.samples = [(os.path.join(root, "val", "images", f), index[w])
+                                for f, w in (ln.split("\t")[:2] for ln in lines if ln.strip())]
+        except (OSError, KeyError) as e:
+            raise UserError(f"--data-dir {root}: not a tiny-imagenet-200 folder ({e})") from None
+        self.targets, self.transform = [y for _, y in self.samples], transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, y = self.samples[i]
+        return self.transform(load_rgb(path)), y
+
+
+def lut(pairs, unlisted=-1):
+    """A 256-entry table from the stored mask value to the class index (IGNORE, or -1 = invalid)."""
+    t = np.full(256, unlisted, np.int16)
+    for raw, cls in pairs:
+        t[raw] = cls
+    return t
+
+
+# COCO-stuff-164k stuffthingmaps store the 182 COCO ids minus one; 11 thing ids are unused -> 171 classes.
+COCO_UNUSED = {11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90}
+COCO_IDS = [i for i in range(182) if i not in COCO_UNUSED]
+
+
+def voc_pairs(root, split):
+    base = next((b for b in (os.path.join(root, "VOCdevkit", "VOC2012"), os.path.join(root, "VOC2012"), root)
+                 if os.path.isdir(os.path.join(b, "ImageSets", "Segmentation"))), None)
+    if base is None:
+        raise UserError(f"--data-dir {root}: no VOCdevkit/VOC2012/ImageSets/Segmentation folder")
+    list_file = os.path.join(base, "ImageSets", "Segmentation", "train.txt" if split == "train" else "val.txt")
+    ids = open(list_file).read().split() if os.path.isfile(list_file) else []
+    return [(os.path.join(base, "JPEGImages", i + ".jpg"), os.path.join(base, "SegmentationClass", i + ".png"))
+            for i in ids], list_file
+
+
+def folder_pairs(image_dirs, mask_dirs):
+    """Images *.jpg in the first existing image dir, masks <stem>.png in the matching mask dir."""
+    for im_dir, mk_dir in zip(image_dirs, mask_dirs):
+        if os.path.isdir(im_dir):
+            ims = sorted(glob.glob(os.path.join(im_dir, "*.jpg")))
+            return [(f, os.path.join(mk_dir, os.path.basename(f)[:-4] + ".png")) for f in ims], im_dir
+    return [], image_dirs[0]
+
+
+def ade_pairs(root, split):
+    base = os.path.join(root, "ADEChallengeData2016") if os.path.isdir(os.path.join(root, "ADEChallengeData2016")) else root
+    d = "training" if split == "train" else "validation"
+    return folder_pairs([os.path.join(base, "images", d)], [os.path.join(base, "annotations", d)])
+
+
+def coco_pairs(root, split):
+    d = "train2017" if split == "train" else "val2017"
+    return folder_pairs([os.path.join(root, "images", d), os.path.join(root, d)],
+                        [os.path.join(root, "stuffthingmaps", d)] * 2)
+
+
+class SegFolder(Dataset):
+    """(image, mask) file pairs; masks are palette or grey PNGs mapped through a lookup table."""
+
+    def __init__(self, pairs, table, num_classes, transform):
+        self.pairs, self.table, self.num_classes, self.transform = pairs, table, num_classes, transform
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        img_path, mask_path = self.pairs[i]
+        img = tv_tensors.Image(v2.functional.pil_to_tensor(load_rgb(img_path)))
+        try:
+            with Image.open(mask_path) as m:
+                raw = np.array(m)
+        except OSError as e:
+            raise UserError(f"{mask_path}: cannot read mask ({e})") from None
+        if raw.ndim != 2 or raw.dtype != np.uint8:
+            raise UserError(f"{mask_path}: mask must be a single-channel 8-bit PNG")
+        label = self.table[raw]  # (H, W) int16
+        if (label < 0).any() or ((label >= self.num_classes) & (label != IGNORE)).any():
+            bad = raw[(label < 0) | ((label >= self.num_classes) & (label != IGNORE))][0]
+            raise UserError(f"{mask_path}: label value {bad} is not a class in [0, {self.num_classes}) "
+                            f"nor the ignore label {IGNORE} (check --num-classes)")
+        mask = tv_tensors.Mask(torch.from_numpy(label.astype(np.uint8))[None])
+        img, mask = self.transform(img, mask)
+        return img, mask[0]
+
+
+def seg_set(find_pairs, table):
+    def build(root, split, transform, num_classes):
+        pairs, where = find_pairs(root, split)
+        if not pairs:
+            raise UserError(f"--data-dir {root}: no images found ({where})")
+        for files in pairs:
+            for f in files:
+                if not os.path.isfile(f):
+                    raise UserError(f"{f}: file missing")
+        return SegFolder(pairs, table(num_classes), num_classes, transform)
+    return build
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    task: str                 # "cls" or "seg"
+    build: Callable           # cls: (root, split, transform); seg: (root, split, transform, num_classes)
+    num_classes: int = 0      # 0: read from the data (cls) or from --num-classes (vocfolder)
+    background: bool = False  # class 0 is "background": the segmentation penalty is on by default
+    downloads: bool = False   # torchvision can download it into --data-dir
+
+
+def identity_table(c):
+    return lut([(i, i) for i in range(c)] + [(IGNORE, IGNORE)])
+
+
+DATASETS = {
+    "cifar10": DatasetSpec("cls", torchvision_set(torchvision.datasets.CIFAR10, {"train": {"train": True}, "test": {"train": False}}), downloads=True),
+    "cifar100": DatasetSpec("cls", torchvision_set(torchvision.datasets.CIFAR100, {"train": {"train": True}, "test": {"train": False}}), downloads=True),
+    "stl10": DatasetSpec("cls", torchvision_set(torchvision.datasets.STL10, {"train": {"split": "train"}, "test": {"split": "test"}}), downloads=True),
+    "tinyimagenet": DatasetSpec("cls", TinyImageNet),
+    "imagenet": DatasetSpec("cls", image_folder),
+    "imagefolder": DatasetSpec("cls", image_folder),
+    "voc": DatasetSpec("seg", seg_set(voc_pairs, identity_table), 21, background=True),
+    "ade20k": DatasetSpec("seg", seg_set(ade_pairs, lambda c: lut([(0, IGNORE)] + [(i + 1, i) for i in range(150)])), 150),
+    "cocostuff": DatasetSpec("seg", seg_set(coco_pairs, lambda c: lut([(r, i) for i, r in enumerate(COCO_IDS)] + [(IGNORE, IGNORE)], IGNORE)), 171),
+    "vocfolder": DatasetSpec("seg", seg_set(voc_pairs, identity_table)),  # any VOC-layout set, --num-classes N
+}
+
+
+def labels_of(ds):
+    return getattr(ds, "targets", None) if hasattr(ds, "targets") else ds.labels  # STL10 calls them labels
+
+
+def build_data(args, ctx):
+    """-> (num_classes, train set for post-training, train and test sets for evaluation)."""
+    spec, root = DATASETS[args.dataset], args.data_dir
+    if not os.path.isdir(root) and not spec.downloads:
+        raise UserError(f"--data-dir {root}: no such directory")
+    if ctx.world > 1 and ctx.rank > 0:
+        dist.barrier()  # rank 0 first: it may download
+    if args.task == "cls":
+        train = spec.build(root, "train", cls_transform(args.img_size, True))
+        train_eval = spec.build(root, "train", cls_transform(args.img_size, False))
+        test = spec.build(root, "test", cls_transform(args.img_size, False))
+        classes = getattr(train, "classes", None)
+        if classes is not None and getattr(test, "classes", classes) != classes:
+            raise UserError(f"--data-dir {root}: the test/val class folders differ from train/")
+        num_classes = args.num_classes or (len(classes) if classes else int(max(labels_of(train))) + 1)
+        for ds in (train, test):
+            if len(ds) == 0:
+                raise UserError(f"--data-dir {root}: a split has no images")
+            top = int(max(labels_of(ds)))
+            if top >= num_classes:
+                raise UserError(f"--num-classes {num_classes}: --data-dir {root} has label {top}")
+    else:
+        num_classes = args.num_classes or spec.num_classes
+        if not num_classes:
+            raise UserError(f"--dataset {args.dataset} needs --num-classes")
+        if num_classes > IGNORE:
+            raise UserError(f"--num-classes {num_classes}: at most {IGNORE} segmentation classes")
+        train = spec.build(root, "train", seg_transform(args.img_size, True), num_classes)
+        train_eval = spec.build(root, "train", seg_transform(args.img_size, False), num_classes)
+        test = spec.build(root, "test", seg_transform(args.img_size, False), num_classes)
+    if ctx.world > 1 and ctx.rank == 0:
+        dist.barrier()
+    if args.subset < 1.0:  # the paper's "10%" runs: a fixed random subset for post-training only
+        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+        train = Subset(train, keep[:max(1, round(args.subset * len(train)))].tolist())
+    return num_classes, train, train_eval, test
+
+
+def train_loader(ds, args, ctx):
+    # The same shuffle on every rank (seed, epoch), each rank its share; the global batch is m.
+    sampler = DistributedSampler(ds, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=args.seed)
+    return DataLoader(ds, batch_size=args.batch_size // ctx.world, sampler=sampler, num_workers=args.workers,
+                      pin_memory=ctx.device.type == "cuda", drop_last=False), sampler
+
+
+def eval_loader(ds, args, ctx):
+    shard = Subset(ds, range(ctx.rank, len(ds), ctx.world))  # no padding: every image counted once
+    return DataLoader(shard, batch_size=args.batch_size // ctx.world, num_workers=args.workers,
+                      pin_memory=ctx.device.type == "cuda")
+
+
+# -----------------------------------------------------------------------------
+# Model: DINOv2 from torch.hub, the classification head and the segmentation head
+
+def load_backbone(hub_repo, name, weights=None):
+    """torch.hub.load of DINOv2: a GitHub repository (online) or a local clone (source='local').
+    With --weights the hub's own download is skipped and the file is loaded strictly."""
+    local = os.path.isdir(hub_repo)
+    if local and not os.path.isfile(os.path.join(hub_repo, "hubconf.py")):
+        raise UserError(f"--hub-repo {hub_repo}: no hubconf.py in that directory")
+    if not local and not re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w./-]+)?", hub_repo):
+        raise UserError(f"--hub-repo {hub_repo}: no such directory, and not a GitHub owner/name")
+    source = "local" if local else "github"
+    offline_hint = ("to run offline: git clone https://github.com/facebookresearch/dinov2 and pass "
+                    "--hub-repo DIR --weights dinov2_vits14_pretrain.pth")
+    try:
+        model = torch.hub.load(hub_repo, name, source=source, trust_repo=True,
+                               **({"pretrained": False} if weights else {}))
+    except RuntimeError as e:
+        if "Cannot find callable" in str(e):
+            raise UserError(f"--model {name}: no such entry point in --hub-repo {hub_repo} "
+                            f"(DINOv2 has dinov2_vit{{s,b,l,g}}14 and their _reg variants)") from None
+        raise UserError(f"--model {name}: loading failed ({type(e).__name__}: {e}); {offline_hint}") from None
+    except Exception as e:
+        raise UserError(f"--hub-repo {hub_repo} --model {name}: loading failed ({type(e).__name__}: {e}); "
+                        f"{offline_hint}") from None
+    if weights:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"--weights {weights}: cannot read ({type(e).__name__})") from None
+        own = model.state_dict()
+        bad = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]
+        if bad:
+            raise UserError(f"--weights {weights} does not fit --model {name}: {len(bad)} mismatching keys, "
+                            f"e.g. {', '.join(bad[:4])}")
+        model.load_state_dict(state, strict=True)
+    return model
+
+
+def sdpa_attention(self, x, attn_bias=None):
+    """DINOv2's Attention.forward (dinov2/layers/attention.py), with softmax(q kᵀ · scale) v computed by
+    F.scaled_dot_product_attention (flash / memory-efficient kernels) instead of by hand."""
+    B, N, C = x.shape
+    q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
+    drop = self.attn_drop.p if self.training and hasattr(self, "attn_drop") else 0.0
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=drop, scale=self.scale)
+    x = self.proj(x.transpose(1, 2).reshape(B, N, C))
+    return self.proj_drop(x) if hasattr(self, "proj_drop") else x
+
+
+def use_sdpa(backbone):
+    n = 0
+    for m in backbone.modules():
+        if type(m).__name__ in ("Attention", "MemEffAttention") and all(hasattr(m, a) for a in ("qkv", "proj", "scale")):
+            m.forward, n = types.MethodType(sdpa_attention, m), n + 1
+    return n
+
+
+def mlp_head(in_dim, hidden, num_classes):
+    """The paper's classification head: a two-layer fully connected network on the class token."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
+class SegHead(nn.Module):
+    """Patch tokens (B, D, h, w) → bilinear upsampling to size × size (Section 4.2: 32×32 → 128×128)
+    → a two-layer per-pixel projection (1×1 convolutions) → logits (B, c, size, size)."""
+
+    def __init__(self, in_dim, hidden, num_classes, size):
+        super().__init__()
+        self.size = size
+        self.mlp = nn.Sequential(nn.Conv2d(in_dim, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, num_classes, 1))
+
+    def forward(self, tokens, size=None):
+        x = F.interpolate(tokens, size=size or (self.size, self.size), mode="bilinear", align_corners=False)
+        return self.mlp(x)
+
+
+class Net(nn.Module):
+    """The post-trained model π_θ: backbone + task head. features() is what evaluation freezes."""
+
+    def __init__(self, backbone, head, task, n_layers=1):
+        super().__init__()
+        self.backbone, self.head, self.task, self.n_layers = backbone, head, task, n_layers
+
+    def features(self, x):  # (B, 3, H, W)
+        if self.task == "cls":
+            return self.backbone.forward_features(x)["x_norm_clstoken"]  # (B, D)
+        layers = self.backbone.get_intermediate_layers(x, n=self.n_layers, reshape=True)  # n × (B, D, h, w)
+        return torch.cat(layers, dim=1)  # (B, n·D, h, w): "linear" n = 1, "multi-scale" n = 4
+
+    def forward(self, x):
+        return self.head(self.features(x))  # (B, c) or (B, c, S, S)
+
+
+def build_model(args, num_classes, ctx):
+    backbone = load_backbone(args.hub_repo, args.model, args.weights)
+    if not args.no_sdpa:
+        use_sdpa(backbone)
+    if hasattr(backbone, "mask_token"):  # used only by DINOv2's masked pre-training, never in forward
+        backbone.mask_token.requires_grad_(False)
+    if args.img_size % backbone.patch_size:
+        raise UserError(f"--img-size {args.img_size} is not a multiple of the patch size {backbone.patch_size}")
+    torch.manual_seed(args.seed)  # the same head on every rank
+    n_layers = 4 if args.task == "seg" and args.feature_type == "ms" else 1
+    dim = backbone.embed_dim * n_layers
+    head = (mlp_head(dim, args.hidden, num_classes) if args.task == "cls"
+            else SegHead(dim, args.hidden, num_classes, args.seg_size))
+    return Net(backbone, head, args.task, n_layers).to(ctx.device)
+
+
+# -----------------------------------------------------------------------------
+# The method: rewards (Eqs. 3-6), advantages (Eq. 2), the clipped objective (Eq. 1, β = 0), θ_old
+
+def uniformity_eq4(p, labels):
+    return -p  # Eq. (4): r_uni_i = -p_i (the GRPO-RM default)
+
+
+def uniformity_eq5(p, labels):
+    c = p.shape[1]
+    p_k = p.gather(1, labels[:, None])  # (N, 1) old probability of the true class
+    r = (1 - p_k) / (c - 1) - p  # Eq. (5), i ≠ k
+    return r.scatter(1, labels[:, None], p_k)  # Eq. (5), i = k: p_k
+
+
+def uniformity_none(p, labels):
+    return torch.zeros_like(p)  # Table 6 "set to 0": accuracy reward only
+
+
+UNIFORMITY = {"eq4": uniformity_eq4, "eq5": uniformity_eq5, "none": uniformity_none}
+
+
+def rewards(old_probs, labels, uniformity="eq4", background_penalty=False):
+    """Rewards of the c outputs of each sample, from the OLD policy's probabilities (Alg. 1, line 6).
+    old_probs (N, c), labels (N,) -> (N, c)."""
+    N, c = old_probs.shape
+    r_acc = c * F.one_hot(labels, c).to(old_probs.dtype)  # Eq. (3): c for the true class, 0 otherwise
+    r = r_acc + UNIFORMITY[uniformity](old_probs, labels)  # Eq. (6): r = r_acc + r_uni
+    if background_penalty:  # Section 3.3, segmentation: r_1 <- r_1 - c/2 (class 1 = index 0, background)
+        r = r - (c / 2) * F.one_hot(torch.zeros_like(labels), c).to(r.dtype)
+    return r
+
+
+def advantages(r, eps=1e-4):
+    """Eq. (2): z-score of the rewards over the group (the c classes). NOTES: unbiased std + eps, as TRL."""
+    return (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + eps)  # (N, c)
+
+
+def grpo_rm_loss(logits, old_logits, labels, clip_eps=0.2, uniformity="eq4", background_penalty=False,
+                 ignore_index=-100):
+    """-J(θ) of Eq. (1) with β = 0: the group is the c classes, π_θ(o_i|q) = softmax(logits)_i.
+    logits, old_logits (N, c); labels (N,). Averaged over the samples whose label != ignore_index."""
+    keep = labels != ignore_index  # (N,)
+    y = labels.masked_fill(~keep, 0)
+    logp = F.log_softmax(logits.float(), dim=-1)  # (N, c), float32 even under bf16 autocast
+    logp_old = F.log_softmax(old_logits.detach().float(), dim=-1)  # (N, c), θ_old carries no gradient
+    with torch.no_grad():
+        A = advantages(rewards(logp_old.exp(), y, uniformity, background_penalty))  # (N, c), Alg. 1 lines 6-7
+    ratio = torch.exp(logp - logp_old)  # ρ_i = π_θ/π_θold in log space: p_old may underflow to 0
+    surrogate = torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)  # Eq. (1), inside the sum
+    J = surrogate.mean(dim=-1)  # (N,): 1/G Σ_i, G = c
+    return -(J * keep).sum() / keep.sum().clamp(min=1)  # loss = -J, mean over labelled samples
+
+
+def make_old(model):
+    """θ_old: a frozen copy of the WHOLE model (backbone + head); no gradients, no optimizer state."""
+    return copy.deepcopy(model).requires_grad_(False).eval()
+
+
+def refresh_old(old, model):
+    """Algorithm 1, line 3: π_θold <- π_θ, once at the start of every epoch."""
+    old.load_state_dict(model.state_dict())
+
+
+# -----------------------------------------------------------------------------
+# Training: Adam, cosine learning rate, bf16 autocast, DDP
+
+@dataclass
+class Ctx:
+    rank: int
+    world: int
+    device: torch.device
+    amp_dtype: torch.dtype  # bfloat16 or float32
+
+    def amp(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp_dtype == torch.bfloat16)
+
+
+def setup(args):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")  # env:// from torchrun
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
+    return Ctx(rank, world, device, dtype)
+
+
+def cosine_lr(step, total, lr_max, lr_min):
+    return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * step / max(1, total)))
+
+
+def lr_range(base, batch_size):
+    """Section 4.2: from base·m/256 down to (base/100)·m/256 (1e-3 -> 1e-5 cls, 1e-5 -> 1e-7 seg)."""
+    return base * batch_size / 256, base / 100 * batch_size / 256
+
+
+def step_loss(args, model, old, x, y, num_classes):
+    """The training loss of one batch: -J of Eq. (1) (GRPO-RM) or cross-entropy (fine-tuning)."""
+    logits = model(x)  # (B, c) or (B, c, S, S)
+    ignore = -100
+    if args.task == "seg":
+        y = F.interpolate(y[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()  # (B, S, S)
+        logits = logits.permute(0, 2, 3, 1).reshape(-1, num_classes)  # (B·S·S, c): every pixel is a sample
+        y, ignore = y.reshape(-1), IGNORE
+    if args.method == "ce":
+        return F.cross_entropy(logits.float(), y, ignore_index=ignore)
+    with torch.no_grad():
+        old_logits = old(x)  # π_θold(·|x), Algorithm 1 line 5
+        if args.task == "seg":
+            old_logits = old_logits.permute(0, 2, 3, 1).reshape(-1, num_classes)
+    return grpo_rm_loss(logits, old_logits, y, args.clip_eps, args.uniformity, args.background_penalty, ignore)
+
+
+def train(args, ctx, net, train_set, num_classes):
+    """Algorithm 1 (and, with --method ce, standard fine-tuning with the same network and schedule)."""
+    old = make_old(net) if args.method == "grpo" else None
+    model = DDP(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if ctx.world > 1 else net
+    params = [p for p in net.parameters() if p.requires_grad]
+    lr_max, lr_min = lr_range(args.lr, args.batch_size)
+    opt = torch.optim.Adam(params, lr=lr_max, weight_decay=0.0, fused=ctx.device.type == "cuda")
+    loader, sampler = train_loader(train_set, args, ctx)
+    total = args.epochs * len(loader)
+    hist = {"train_loss": [], "sec_per_epoch": []}
+    for epoch in range(args.epochs):
+        torch.manual_seed(args.seed * 100_003 + ctx.rank * 1009 + epoch)  # augmentation: per rank, per epoch
+        sampler.set_epoch(epoch)
+        if old is not None:
+            refresh_old(old, net)  # Algorithm 1, line 3
+        t0 = t_log = time.time()
+        loss_sum, n_seen = torch.zeros((), device=ctx.device), 0
+        for i, (x, y) in enumerate(loader):
+            step = epoch * len(loader) + i
+            lr = cosine_lr(step, total, lr_max, lr_min)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+            with ctx.amp():
+                loss = step_loss(args, model, old, x, y, num_classes)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()
+            n_seen += len(x)
+            if ctx.rank == 0 and (step % args.log_every == 0 or i == len(loader) - 1):
+                gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+                lv, dt = loss.item(), time.time() - t_log
+                print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{total} | loss {lv:.4f} | "
+                      f"grad norm {gnorm.item():.3f} | lr {lr:.2e} | {n_seen * ctx.world / max(dt, 1e-9):.0f} img/s",
+                      flush=True)
+                t_log, n_seen = time.time(), 0
+        if ctx.world > 1:
+            dist.all_reduce(loss_sum)
+        epoch_loss = loss_sum.item() / (len(loader) * ctx.world)
+        if not math.isfinite(epoch_loss):
+            raise UserError(f"non-finite training loss in epoch {epoch + 1}: lower --lr, or use --dtype fp32")
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        hist["train_loss"].append(epoch_loss)
+        hist["sec_per_epoch"].append(time.time() - t0)
+    return hist
+
+
+# -----------------------------------------------------------------------------
+# Evaluation on frozen features: softmax regression (SR), kNN, pixel accuracy / IoU / mIoU
+
+def all_gather_cat(t, ctx):
+    """Concatenate a tensor whose first dimension differs across ranks."""
+    if ctx.world == 1:
+        return t
+    n = torch.tensor([len(t)], device=ctx.device)
+    sizes = [torch.zeros_like(n) for _ in range(ctx.world)]
+    dist.all_gather(sizes, n)
+    m = int(max(sizes))
+    pad = t.new_zeros((m, *t.shape[1:]), device=ctx.device)
+    pad[:len(t)] = t.to(ctx.device)
+    out = [torch.empty_like(pad) for _ in range(ctx.world)]
+    dist.all_gather(out, pad)
+    return torch.cat([o[:int(s)] for o, s in zip(out, sizes)]).to(t.device)
+
+
+def all_reduce_sum(t, ctx):
+    if ctx.world > 1:
+        t = t.to(ctx.device)
+        dist.all_reduce(t)
+    return t.cpu()
+
+
+@torch.no_grad()
+def extract(net, loader, ctx, label_size=None):
+    """One pass of the frozen backbone over a split (this rank's shard). Features are cached (CPU) and
+    reused for every epoch of the evaluation head. Segmentation labels are resized to label_size."""
+    feats, labels = [], []
+    for x, y in loader:
+        with ctx.amp():
+            f = net.features(x.to(ctx.device, non_blocking=True))  # (B, D) or (B, n·D, h, w)
+        feats.append(f.to(ctx.amp_dtype).cpu())
+        if label_size is not None:
+            y = F.interpolate(y[:, None].float(), size=(label_size, label_size), mode="nearest")[:, 0].to(torch.uint8)
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def fit_head(head, feats, labels, n_total, args, ctx, ignore_index=-100):
+    """Train a freshly initialised head on cached frozen features with Adam for --eval-epochs epochs,
+    learning rate as in training (Section 4.2). Each rank holds its shard; gradients are averaged."""
+    params = list(head.parameters())
+    lr_max, lr_min = lr_range(args.eval_lr, args.batch_size)
+    opt = torch.optim.Adam(params, lr=lr_max, weight_decay=0.0)
+    local_bs, n_local = args.batch_size // ctx.world, len(feats)
+    per_epoch = max(1, math.ceil(n_total / args.batch_size))
+    total = args.eval_epochs * per_epoch
+    gen = torch.Generator().manual_seed(args.seed)
+    for step in range(total):
+        if step % per_epoch == 0:
+            order = torch.randperm(n_local, generator=gen)
+        idx = order[(torch.arange(local_bs) + (step % per_epoch) * local_bs) % n_local]
+        x, y = feats[idx].to(ctx.device).float(), labels[idx].to(ctx.device).long()
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, total, lr_max, lr_min)
+        with ctx.amp():
+            logits = head(x)  # (b, c) or (b, c, S, S)
+        loss = F.cross_entropy(logits.float(), y, ignore_index=ignore_index)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if ctx.world > 1:
+            for p in params:
+                dist.all_reduce(p.grad)
+                p.grad /= ctx.world
+        opt.step()
+    return head.eval()
+
+
+def knn_predict(train_feats, train_labels, test_feats, k=5, chunk=1024):
+    """kNN vote on cosine similarity (L2-normalised features). Majority of the k nearest; a tie goes to
+    the tied class whose member is nearest. NOTES: the paper says only k = 5."""
+    train = F.normalize(train_feats.float(), dim=1)  # (N, D)
+    k, c = min(k, len(train)), int(train_labels.max()) + 1
+    rank_score = (k - torch.arange(k, device=train.device)).float()  # nearest neighbour scores k
+    preds = []
+    for q in F.normalize(test_feats.float(), dim=1).split(chunk):  # (q, D)
+        nn_idx = (q @ train.T).topk(k, dim=1).indices  # (q, k), nearest first
+        nn_lab = train_labels[nn_idx]  # (q, k)
+        votes = torch.zeros(len(q), c, device=q.device).scatter_add_(1, nn_lab, torch.ones_like(rank_score).expand(len(q), k))
+        nearest = torch.zeros(len(q), c, device=q.device).scatter_reduce_(1, nn_lab, rank_score.expand(len(q), k), "amax")
+        preds.append((votes * (k + 1) + nearest).argmax(1))  # votes first, then nearness
+    return torch.cat(preds)
+
+
+def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=5):
+    """Top-1 accuracy (%) of the k-NN classifier (k = 5 in the paper)."""
+    return 100.0 * (knn_predict(train_feats, train_labels, test_feats, k) == test_labels).float().mean().item()
+
+
+def confusion_matrix(pred, target, num_classes, ignore_index=IGNORE):
+    """(c, c) counts, rows = ground truth, columns = prediction; pixels with ignore_index are skipped."""
+    keep = target != ignore_index
+    idx = target[keep].long() * num_classes + pred[keep].long()
+    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def segmentation_metrics(conf):
+    """Pixel accuracy, IoU and mIoU (%) from one confusion matrix. "iou" is the frequency-weighted IoU
+    (Σ_c freq_c · IoU_c), the reading of the paper's IoU column in NOTES; "miou" averages IoU_c over the
+    classes present in the ground truth or the prediction (absent classes do not count)."""
+    conf = conf.double()
+    tp, gt, pr = conf.diag(), conf.sum(1), conf.sum(0)
+    union = gt + pr - tp
+    present = union > 0
+    iou = tp[present] / union[present]
+    return {"pixel_acc": 100 * (tp.sum() / conf.sum()).item(),
+            "iou": 100 * ((gt[present] / gt.sum()) * iou).sum().item(),
+            "miou": 100 * iou.mean().item()}
+
+
+def evaluate_cls(args, ctx, net, train_eval, test, num_classes):
+    tr_f, tr_y = extract(net, eval_loader(train_eval, args, ctx), ctx)
+    te_f, te_y = extract(net, eval_loader(test, args, ctx), ctx)
+    n_train = int(all_reduce_sum(torch.tensor(len(tr_f)), ctx))
+    torch.manual_seed(args.seed)
+    head = fit_head(nn.Linear(tr_f.shape[1], num_classes).to(ctx.device), tr_f, tr_y, n_train, args, ctx)
+    with torch.no_grad(), ctx.amp():
+        sr_pred = torch.cat([head(f.to(ctx.device).float()).argmax(1).cpu() for f in te_f.split(4096)])
+    all_f, all_y = all_gather_cat(tr_f, ctx), all_gather_cat(tr_y, ctx)  # kNN needs every training feature
+    knn_pred = knn_predict(all_f.to(ctx.device), all_y.to(ctx.device), te_f.to(ctx.device)).cpu()
+    counts = all_reduce_sum(torch.stack([(sr_pred == te_y).sum(), (knn_pred == te_y).sum(), torch.tensor(len(te_y))]), ctx)
+    return {"sr": 100.0 * counts[0].item() / counts[2].item(), "knn": 100.0 * counts[1].item() / counts[2].item()}
+
+
+@torch.no_grad()
+def predict_seg(net, head, x, args, ctx):
+    """Class probabilities (B, c, H, W) at the input resolution; --feature-type ms averages them over
+    --ms-scales and horizontal flips, as DINOv2's multi-scale evaluation does."""
+    H, W = x.shape[-2:]
+    p = net.backbone.patch_size
+    scales = args.ms_scales if args.feature_type == "ms" else [1.0]
+    probs = 0
+    for s in scales:
+        size = (max(p, round(H * s / p) * p), max(p, round(W * s / p) * p))
+        xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False) if s != 1.0 else x
+        for flip in ([False, True] if args.feature_type == "ms" else [False]):
+            xi = xs.flip(-1) if flip else xs
+            with ctx.amp():
+                logits = head(net.features(xi), size=(round(args.seg_size * s),) * 2)  # (B, c, S·s, S·s)
+            logits = F.interpolate(logits.float(), size=(H, W), mode="bilinear", align_corners=False)
+            probs = probs + (logits.flip(-1) if flip else logits).softmax(1)
+    return probs / (len(scales) * (2 if args.feature_type == "ms" else 1))
+
+
+def evaluate_seg(args, ctx, net, train_eval, test, num_classes, run_dir):
+    tr_f, tr_y = extract(net, eval_loader(train_eval, args, ctx), ctx, label_size=args.seg_size)
+    n_train = int(all_reduce_sum(torch.tensor(len(tr_f)), ctx))
+    torch.manual_seed(args.seed)
+    head = SegHead(tr_f.shape[1], args.hidden, num_classes, args.seg_size).to(ctx.device)
+    head = fit_head(head, tr_f, tr_y, n_train, args, ctx, ignore_index=IGNORE)
+    conf, shown = torch.zeros(num_classes, num_classes, dtype=torch.long), 0
+    for x, y in eval_loader(test, args, ctx):  # the test split's one backbone pass (one per scale for ms)
+        pred = predict_seg(net, head, x.to(ctx.device), args, ctx).argmax(1).cpu()  # (B, H, W)
+        conf += confusion_matrix(pred, y, num_classes, IGNORE)
+        if ctx.rank == 0 and shown < args.save_vis:
+            shown += save_vis(x, y, pred, run_dir, shown, args.save_vis)
+    return segmentation_metrics(all_reduce_sum(conf, ctx)) | {"confusion_total": int(conf.sum())}
+
+
+def voc_palette():
+    """The Pascal VOC colour map (class bits spread over the high bits of R, G, B); 255 -> cream."""
+    pal = np.zeros((256, 3), np.uint8)
+    for i in range(256):
+        c = i
+        for j in range(8):
+            pal[i] |= np.array([(c >> 0) & 1, (c >> 1) & 1, (c >> 2) & 1], np.uint8) << (7 - j)
+            c >>= 3
+    return pal
+
+
+def save_vis(x, y, pred, run_dir, start, limit):
+    """Figure 2: image | ground truth | prediction, side by side, VOC colours."""
+    os.makedirs(os.path.join(run_dir, "vis"), exist_ok=True)
+    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
+    pal, n = voc_palette(), min(len(x), limit - start)
+    for b in range(n):
+        img = ((x[b].cpu().float() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+        row = np.concatenate([img, pal[y[b].numpy().astype(np.uint8)], pal[pred[b].numpy().astype(np.uint8)]], axis=1)
+        Image.fromarray(row).save(os.path.join(run_dir, "vis", f"{start + b:03d}.png"))
+    return n
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+def write_json_atomic(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (whole process)
+
+
+def main(argv=None):
+    """Run one experiment. Returns (result dict, trained Net)."""
+    args = get_args(argv)
+    ctx = setup(args)
+    try:
+        run_dir = os.path.join(args.out, run_name(args))
+        if ctx.rank == 0:
+            try:
+                os.makedirs(run_dir, exist_ok=True)
+                write_json_atomic(os.path.join(run_dir, ".writable"), {})
+                os.remove(os.path.join(run_dir, ".writable"))
+            except OSError as e:
+                raise UserError(f"--out {args.out}: not writable ({e.strerror})") from None
+        num_classes, train_set, train_eval, test = build_data(args, ctx)
+        net = build_model(args, num_classes, ctx)
+        if ctx.rank == 0:
+            print(f"{run_name(args)}: {len(train_set)} train / {len(test)} test images, {num_classes} classes, "
+                  f"{ctx.world} process(es) on {ctx.device.type}, {str(ctx.amp_dtype)[6:]}", flush=True)
+        hist = {"train_loss": [], "sec_per_epoch": []}
+        if args.method != "frozen" and args.epochs > 0:
+            hist = train(args, ctx, net, train_set, num_classes)
+        t0 = time.time()
+        net.eval()
+        if args.task == "cls":
+            metrics = evaluate_cls(args, ctx, net, train_eval, test, num_classes)
+        else:
+            metrics = evaluate_seg(args, ctx, net, train_eval, test, num_classes, run_dir)
+        result = {"config": vars(args), "metrics": metrics, **hist, "eval_seconds": time.time() - t0,
+                  "peak_memory_gb": peak_memory_gb(ctx.device), "world_size": ctx.world,
+                  "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
+                  "torch": torch.__version__, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if ctx.rank == 0:
+            write_json_atomic(os.path.join(run_dir, "result.json"), result)  # only a finished run has one
+            print(f"{run_name(args)}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
+        return result, net
+    finally:
+        if ctx.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        # A UserError raised in a DataLoader worker arrives wrapped, with the worker's traceback as text.
+        msg = str(e).strip().splitlines()[-1]
+        print(f"error: {msg.split('UserError: ', 1)[-1]}", file=sys.stderr)
+        sys.exit(2)
