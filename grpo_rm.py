@@ -298,8 +298,16 @@ class DatasetSpec:
     downloads: bool = False   # torchvision can download it into --data-dir
 
 
-def identity_table(c):
+def identity_table(c):  # VOC: values are classes, 255 = ignore
     return lut([(i, i) for i in range(c)] + [(IGNORE, IGNORE)])
+
+
+def ade_table(c):  # ADE20k: 0 = "other" (ignored), 1..150 -> 0..149
+    return lut([(0, IGNORE)] + [(i + 1, i) for i in range(150)])
+
+
+def coco_table(c):  # COCO-stuff: the 182 stored ids -> 171 contiguous classes; unused ids are ignored
+    return lut([(r, i) for i, r in enumerate(COCO_IDS)] + [(IGNORE, IGNORE)], unlisted=IGNORE)
 
 
 DATASETS = {
@@ -310,8 +318,8 @@ DATASETS = {
     "imagenet": DatasetSpec("cls", image_folder),
     "imagefolder": DatasetSpec("cls", image_folder),
     "voc": DatasetSpec("seg", seg_set(voc_pairs, identity_table), 21, background=True),
-    "ade20k": DatasetSpec("seg", seg_set(ade_pairs, lambda c: lut([(0, IGNORE)] + [(i + 1, i) for i in range(150)])), 150),
-    "cocostuff": DatasetSpec("seg", seg_set(coco_pairs, lambda c: lut([(r, i) for i, r in enumerate(COCO_IDS)] + [(IGNORE, IGNORE)], IGNORE)), 171),
+    "ade20k": DatasetSpec("seg", seg_set(ade_pairs, ade_table), 150),
+    "cocostuff": DatasetSpec("seg", seg_set(coco_pairs, coco_table), 171),
     "vocfolder": DatasetSpec("seg", seg_set(voc_pairs, identity_table)),  # any VOC-layout set, --num-classes N
 }
 
@@ -524,8 +532,9 @@ def grpo_rm_loss(logits, old_logits, labels, clip_eps=0.2, uniformity="eq4", bac
     logits, old_logits (N, c); labels (N,). Averaged over the samples whose label != ignore_index."""
     keep = labels != ignore_index  # (N,)
     y = labels.masked_fill(~keep, 0)
-    logp = F.log_softmax(logits.float(), dim=-1)  # (N, c), float32 even under bf16 autocast
-    logp_old = F.log_softmax(old_logits.detach().float(), dim=-1)  # (N, c), θ_old carries no gradient
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # float32 under bf16 autocast (float64 stays)
+    logp = F.log_softmax(logits.to(dtype), dim=-1)  # (N, c)
+    logp_old = F.log_softmax(old_logits.detach().to(dtype), dim=-1)  # (N, c), θ_old carries no gradient
     with torch.no_grad():
         A = advantages(rewards(logp_old.exp(), y, uniformity, background_penalty))  # (N, c), Alg. 1 lines 6-7
     ratio = torch.exp(logp - logp_old)  # ρ_i = π_θ/π_θold in log space: p_old may underflow to 0
@@ -807,7 +816,8 @@ def evaluate_seg(args, ctx, net, train_eval, test, num_classes, run_dir):
         conf += confusion_matrix(pred, y, num_classes, IGNORE)
         if ctx.rank == 0 and shown < args.save_vis:
             shown += save_vis(x, y, pred, run_dir, shown, args.save_vis)
-    return segmentation_metrics(all_reduce_sum(conf, ctx)) | {"confusion_total": int(conf.sum())}
+    conf = all_reduce_sum(conf, ctx)
+    return segmentation_metrics(conf) | {"labelled_pixels": int(conf.sum())}
 
 
 def voc_palette():
@@ -884,7 +894,8 @@ def main(argv=None):
                   "torch": torch.__version__, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         if ctx.rank == 0:
             write_json_atomic(os.path.join(run_dir, "result.json"), result)  # only a finished run has one
-            print(f"{run_name(args)}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
+            print(f"{run_name(args)}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)),
+                  flush=True)
         return result, net
     finally:
         if ctx.world > 1 and dist.is_initialized():
