@@ -21,6 +21,7 @@ import math
 import os
 import re
 import resource
+import signal
 import sys
 import time
 import types
@@ -85,6 +86,8 @@ def get_args(argv=None):
     a("--log-every", type=int, default=10, help="print progress every N steps")
     a("--save-vis", type=int, default=0, metavar="K", help="seg: write K image|truth|prediction PNGs")
     a("--no-sdpa", action="store_true", help="keep DINOv2's hand-written attention")
+    a("--resume", action="store_true", help="continue from OUT/NAME/ckpt.pt if there is one")
+    a("--stop-after-epoch", type=int, default=None, metavar="K", help="checkpoint after epoch K and stop")
     args = p.parse_args(argv)
     if args.dataset is None:
         raise UserError(f"--dataset is required (one of: {', '.join(sorted(DATASETS))})")
@@ -366,11 +369,13 @@ def build_data(args, ctx):
     return num_classes, train, train_eval, test
 
 
-def train_loader(ds, args, ctx):
-    # The same shuffle on every rank (seed, epoch), each rank its share; the global batch is m.
-    sampler = DistributedSampler(ds, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=args.seed)
-    return DataLoader(ds, batch_size=args.batch_size // ctx.world, sampler=sampler, num_workers=args.workers,
-                      pin_memory=ctx.device.type == "cuda", drop_last=False), sampler
+def epoch_loader(ds, sampler, epoch, skip_batches, args, ctx):
+    # The same shuffle on every rank (seed, epoch), each rank its share; the global batch is m. A run
+    # resumed inside an epoch skips the batches that epoch had already done.
+    sampler.set_epoch(epoch)
+    order = list(sampler)[skip_batches * (args.batch_size // ctx.world):]
+    return DataLoader(ds, batch_size=args.batch_size // ctx.world, sampler=order, num_workers=args.workers,
+                      pin_memory=ctx.device.type == "cuda")
 
 
 def eval_loader(ds, args, ctx):
@@ -575,10 +580,10 @@ def setup(args):
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")  # env:// from torchrun
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")  # env:// from torchrun
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
     return Ctx(rank, world, device, dtype)
 
@@ -609,25 +614,87 @@ def step_loss(args, model, old, x, y, num_classes):
     return grpo_rm_loss(logits, old_logits, y, args.clip_eps, args.uniformity, args.background_penalty, ignore)
 
 
-def train(args, ctx, net, train_set, num_classes):
-    """Algorithm 1 (and, with --method ce, standard fine-tuning with the same network and schedule)."""
+class RunStopped(UserError):
+    """The run stopped before its end (signal, non-finite loss); the message says where and how to go on."""
+
+
+def atomic_save(path, write):
+    """Write to a temp file in the same folder, fsync, rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+RESUMABLE = {"epochs", "out", "resume", "stop_after_epoch", "log_every", "workers", "save_vis", "eval_epochs", "eval_lr"}
+
+
+def save_checkpoint(path, args, net, old, opt, state):
+    ckpt = {"model": net.state_dict(), "old": old.state_dict() if old is not None else None,
+            "opt": opt.state_dict(), "state": state, "config": vars(args), "rng": torch.get_rng_state()}
+    atomic_save(path, lambda f: torch.save(ckpt, f))
+
+
+def load_checkpoint(path, args, net, old, opt):
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    diff = [k for k in set(ckpt["config"]) | set(vars(args)) if k not in RESUMABLE
+            and ckpt["config"].get(k) != vars(args).get(k)]
+    if diff:
+        raise UserError(f"--resume: {path} was written with other settings ({', '.join(f'--{k.replace(chr(95), chr(45))}' for k in sorted(diff))})")
+    net.load_state_dict(ckpt["model"])
+    if old is not None:
+        old.load_state_dict(ckpt["old"])
+    opt.load_state_dict(ckpt["opt"])
+    torch.set_rng_state(ckpt["rng"])
+    return ckpt["state"]
+
+
+def stop_signals():
+    """SIGTERM / SIGINT (pre-emption, Ctrl-C) set a flag; the loop checkpoints after the current step."""
+    flag = {"signal": None}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: flag.update(signal=signal.Signals(signum).name))
+    return flag
+
+
+def agreed(value, ctx):
+    """True on every rank if it is true on any (ranks must stop at the same step)."""
+    if ctx.world == 1:
+        return bool(value)
+    t = torch.tensor([float(bool(value))], device=ctx.device)
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
+def train(args, ctx, net, train_set, num_classes, run_dir):
+    """Algorithm 1 (and, with --method ce, standard fine-tuning with the same network and schedule).
+    Returns the history, or None when --stop-after-epoch ended it early."""
     old = make_old(net) if args.method == "grpo" else None
     model = DDP(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if ctx.world > 1 else net
     params = [p for p in net.parameters() if p.requires_grad]
     lr_max, lr_min = lr_range(args.lr, args.batch_size)
     opt = torch.optim.Adam(params, lr=lr_max, weight_decay=0.0, fused=ctx.device.type == "cuda")
-    loader, sampler = train_loader(train_set, args, ctx)
-    total = args.epochs * len(loader)
-    hist = {"train_loss": [], "sec_per_epoch": []}
-    for epoch in range(args.epochs):
+    sampler = DistributedSampler(train_set, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=args.seed)
+    per_epoch = math.ceil(len(sampler) / (args.batch_size // ctx.world))
+    total, ckpt = args.epochs * per_epoch, os.path.join(run_dir, "ckpt.pt")
+    st = {"epoch": 0, "step_in_epoch": 0, "loss_sum": 0.0, "train_loss": [], "sec_per_epoch": []}
+    if args.resume and os.path.isfile(ckpt):
+        st = load_checkpoint(ckpt, args, net, old, opt)
+        if ctx.rank == 0:
+            print(f"resumed from {ckpt}: epoch {st['epoch'] + 1}, step {st['step_in_epoch']}", flush=True)
+    stop = stop_signals()
+    for epoch in range(st["epoch"], args.epochs):
+        skip = st["step_in_epoch"] if epoch == st["epoch"] else 0
         torch.manual_seed(args.seed * 100_003 + ctx.rank * 1009 + epoch)  # augmentation: per rank, per epoch
-        sampler.set_epoch(epoch)
-        if old is not None:
+        if old is not None and skip == 0:
             refresh_old(old, net)  # Algorithm 1, line 3
         t0 = t_log = time.time()
-        loss_sum, n_seen = torch.zeros((), device=ctx.device), 0
-        for i, (x, y) in enumerate(loader):
-            step = epoch * len(loader) + i
+        loss_sum, n_seen = torch.full((), st["loss_sum"] if skip else 0.0, device=ctx.device), 0
+        first_bad = torch.full((), -1, device=ctx.device)
+        for i, (x, y) in enumerate(epoch_loader(train_set, sampler, epoch, skip, args, ctx), start=skip):
+            step = epoch * per_epoch + i
             lr = cosine_lr(step, total, lr_max, lr_min)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -636,26 +703,44 @@ def train(args, ctx, net, train_set, num_classes):
                 loss = step_loss(args, model, old, x, y, num_classes)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # reports, never clips
             opt.step()
             loss_sum += loss.detach()
             n_seen += len(x)
-            if ctx.rank == 0 and (step % args.log_every == 0 or i == len(loader) - 1):
-                gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-                lv, dt = loss.item(), time.time() - t_log
-                print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{total} | loss {lv:.4f} | "
-                      f"grad norm {gnorm.item():.3f} | lr {lr:.2e} | {n_seen * ctx.world / max(dt, 1e-9):.0f} img/s",
-                      flush=True)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach() + gnorm), step, first_bad)
+            sync = step % args.log_every == 0 or i == per_epoch - 1  # the only host syncs of the loop
+            if sync:
+                if first_bad.item() >= 0:
+                    raise RunStopped(f"non-finite loss or gradient at epoch {epoch + 1}, step {first_bad.item() + 1}; "
+                                     f"last good checkpoint: {ckpt if os.path.isfile(ckpt) else 'none'} "
+                                     f"(lower --lr or use --dtype fp32, then --resume)")
+                if ctx.rank == 0:
+                    dt = time.time() - t_log
+                    print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{total} | loss {loss.item():.4f} | "
+                          f"grad norm {gnorm.item():.3f} | lr {lr:.2e} | {n_seen * ctx.world / max(dt, 1e-9):.0f} img/s",
+                          flush=True)
                 t_log, n_seen = time.time(), 0
+            if (sync or ctx.world == 1) and agreed(stop["signal"], ctx) and i < per_epoch - 1:
+                st.update(epoch=epoch, step_in_epoch=i + 1, loss_sum=loss_sum.item())
+                if ctx.rank == 0:
+                    save_checkpoint(ckpt, args, net, old, opt, st)
+                raise RunStopped(f"stopped by {stop['signal'] or 'a signal'} at epoch {epoch + 1}, step {step + 1}; "
+                                 f"checkpoint {ckpt}: rerun with --resume")
         if ctx.world > 1:
             dist.all_reduce(loss_sum)
-        epoch_loss = loss_sum.item() / (len(loader) * ctx.world)
-        if not math.isfinite(epoch_loss):
-            raise UserError(f"non-finite training loss in epoch {epoch + 1}: lower --lr, or use --dtype fp32")
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
-        hist["train_loss"].append(epoch_loss)
-        hist["sec_per_epoch"].append(time.time() - t0)
-    return hist
+        st["train_loss"].append(loss_sum.item() / (per_epoch * ctx.world))
+        st["sec_per_epoch"].append(time.time() - t0)
+        st.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0)
+        if ctx.rank == 0:
+            save_checkpoint(ckpt, args, net, old, opt, st)
+        if agreed(stop["signal"], ctx):
+            raise RunStopped(f"stopped by {stop['signal'] or 'a signal'} after epoch {epoch + 1}; "
+                             f"checkpoint {ckpt}: rerun with --resume")
+        if args.stop_after_epoch == epoch + 1:
+            return None
+    return {"train_loss": st["train_loss"], "sec_per_epoch": st["sec_per_epoch"]}
 
 
 # -----------------------------------------------------------------------------
@@ -847,12 +932,7 @@ def save_vis(x, y, pred, run_dir, start, limit):
 # Main
 
 def write_json_atomic(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_save(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def peak_memory_gb(device):
@@ -881,7 +961,11 @@ def main(argv=None):
                   f"{ctx.world} process(es) on {ctx.device.type}, {str(ctx.amp_dtype)[6:]}", flush=True)
         hist = {"train_loss": [], "sec_per_epoch": []}
         if args.method != "frozen" and args.epochs > 0:
-            hist = train(args, ctx, net, train_set, num_classes)
+            hist = train(args, ctx, net, train_set, num_classes, run_dir)
+            if hist is None:
+                if ctx.rank == 0:
+                    print(f"stopped after epoch {args.stop_after_epoch or '?'}; rerun with --resume to go on", flush=True)
+                return None, net
         t0 = time.time()
         net.eval()
         if args.task == "cls":

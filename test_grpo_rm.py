@@ -578,8 +578,12 @@ def _cli(*argv):
     return p.returncode, p.stderr, lines
 
 
-def test_cli_bad_inputs(hub, imagefolder, vocfolder, tmp_path):
+def test_cli_bad_inputs(hub, imagefolder, vocfolder, tmp_path, monkeypatch):
     base = cls_args(hub, imagefolder, tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no cached hub repositories
     cases = [
         (["--dataset", "nope"], "--dataset"),
         (base + ["--model", "dinov2_vitx99"], "--model dinov2_vitx99"),
@@ -588,6 +592,12 @@ def test_cli_bad_inputs(hub, imagefolder, vocfolder, tmp_path):
         (base + ["--subset", "1.5"], "--subset"),
         (base + ["--hub-repo", str(tmp_path)], "hubconf.py"),
         (base + ["--img-size", "18"], "--img-size 18"),
+        (base + ["--task", "seg"], "--task"),
+        (base + ["--method", "ppo"], "--method"),
+        (base + ["--uniformity", "eq7"], "--uniformity"),
+        (base + ["--data-dir", str(empty)], "--data-dir"),
+        (base + ["--out", str(tmp_path / "a_file" / "runs")], "--out"),
+        (base + ["--hub-repo", "no-such-owner-x/no-such-repo-x"], "offline"),
     ]
     bad = {k: v for k, v in G.load_backbone(hub, "dinov2_vitt_test").state_dict().items() if k != "norm.weight"}
     torch.save(bad, tmp_path / "bad.pth")
@@ -610,3 +620,96 @@ def test_cli_bad_seg_files(hub, vocfolder, tmp_path):
     rc, err, lines = _cli(*seg_args(hub, str(d), tmp_path, "--epochs", "1"))
     assert rc != 0 and len(lines) == 1 and "tr3.png" in lines[0] and "missing" in lines[0], err
     assert not list(tmp_path.glob("*/result.json"))  # nothing reported as final
+
+
+def test_cli_corrupt_image_and_batch_split(hub, imagefolder, tmp_path):
+    import shutil
+    d = tmp_path / "data"
+    shutil.copytree(imagefolder, d)
+    (d / "test" / "class1" / "2.png").write_bytes(b"not a png")
+    rc, err, lines = _cli(*cls_args(hub, str(d), tmp_path, "--method", "frozen"))
+    assert rc != 0 and len(lines) == 1 and "2.png" in lines[0] and "cannot read image" in lines[0], err
+    env = {**os.environ, "WORLD_SIZE": "3", "RANK": "0"}
+    p = subprocess.run([sys.executable, os.path.join(HERE, "grpo_rm.py"), *cls_args(hub, imagefolder, tmp_path)],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode != 0 and "--batch-size 8 is not divisible by the 3 processes" in p.stderr
+
+
+# -----------------------------------------------------------------------------
+# Reliability: checkpoints, exact resume, signals, non-finite stop, atomic writes, failing ranks
+
+def test_exact_resume(hub, imagefolder, tmp_path):
+    full, net_full = G.main(cls_args(hub, imagefolder, tmp_path / "a", "--epochs", "3"))
+    res, _ = G.main(cls_args(hub, imagefolder, tmp_path / "b", "--epochs", "3", "--stop-after-epoch", "1"))
+    run = tmp_path / "b" / "cls-imagefolder-grpo-eq4-s0"
+    assert res is None and (run / "ckpt.pt").exists() and not (run / "result.json").exists()
+    assert torch.load(run / "ckpt.pt", weights_only=False)["state"]["epoch"] == 1
+    resumed, net_res = G.main(cls_args(hub, imagefolder, tmp_path / "b", "--epochs", "3", "--resume"))
+    a, b = net_full.state_dict(), net_res.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    assert resumed["metrics"] == full["metrics"]
+    assert resumed["train_loss"] == pytest.approx(full["train_loss"], abs=1e-6)
+    with pytest.raises(G.UserError, match="--resume: .*other settings.*--lr"):
+        G.main(cls_args(hub, imagefolder, tmp_path / "b", "--epochs", "3", "--resume", "--lr", "0.5"))
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(hub, imagefolder, tmp_path, monkeypatch):
+    calls, real = [], G.step_loss
+
+    def poisoned(*a):
+        calls.append(1)
+        loss = real(*a)
+        return loss * float("nan") if len(calls) == 5 else loss  # epoch 2 (3 steps an epoch), its 2nd step
+    monkeypatch.setattr(G, "step_loss", poisoned)
+    with pytest.raises(G.RunStopped, match=r"non-finite .* epoch 2, step 5; last good checkpoint: .*ckpt.pt"):
+        G.main(cls_args(hub, imagefolder, tmp_path, "--epochs", "3", "--log-every", "100"))
+    ckpt = torch.load(tmp_path / "cls-imagefolder-grpo-eq4-s0" / "ckpt.pt", weights_only=False)
+    assert ckpt["state"]["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not (tmp_path / "cls-imagefolder-grpo-eq4-s0" / "result.json").exists()
+
+
+def test_atomic_write_keeps_previous_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    G.atomic_save(path, lambda f: torch.save({"epoch": 1}, f))
+
+    def crash(src, dst):
+        raise OSError("power cut between the temp write and the rename")
+    monkeypatch.setattr(G.os, "replace", crash)
+    with pytest.raises(OSError):
+        G.atomic_save(path, lambda f: torch.save({"epoch": 2}, f))
+    assert torch.load(path) == {"epoch": 1}
+
+
+def test_sigterm_checkpoints_and_resumes(hub, imagefolder, tmp_path):
+    import signal
+    argv = [sys.executable, "-u", os.path.join(HERE, "grpo_rm.py"), *cls_args(hub, imagefolder, tmp_path)]
+    p = subprocess.Popen(argv + ["--epochs", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:  # wait until training runs
+        if line.startswith("epoch 3/"):
+            p.send_signal(signal.SIGTERM)
+            break
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and "stopped by SIGTERM" in err and "--resume" in err, err
+    run = tmp_path / "cls-imagefolder-grpo-eq4-s0"
+    st = torch.load(run / "ckpt.pt", weights_only=False)["state"]
+    assert not (run / "result.json").exists() and st["epoch"] >= 2
+    # The run goes on from the checkpoint (mid-epoch or at an epoch's end) and finishes 2 epochs later.
+    p = subprocess.run(argv + ["--epochs", str(st["epoch"] + 2), "--resume"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"resumed from {run / 'ckpt.pt'}: epoch {st['epoch'] + 1}, step {st['step_in_epoch']}" in p.stdout
+    assert len(json.load(open(run / "result.json"))["train_loss"]) == st["epoch"] + 2
+
+
+def test_failing_rank_stops_all(hub, imagefolder, tmp_path):
+    import shutil
+    import time
+    d = tmp_path / "data"
+    shutil.copytree(imagefolder, d)
+    (d / "test" / "class0" / "1.png").write_bytes(b"broken")  # test index 1 -> rank 1's shard only
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+           os.path.join(HERE, "grpo_rm.py"), *cls_args(hub, str(d), tmp_path, "--method", "frozen")]
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode != 0 and time.time() - t0 < 90
+    assert "1.png: cannot read image" in p.stderr
+    assert not list(tmp_path.glob("*/result.json"))
