@@ -86,6 +86,14 @@ def get_args(argv=None):
     a("--log-every", type=int, default=10, help="print progress every N steps")
     a("--save-vis", type=int, default=0, metavar="K", help="seg: write K image|truth|prediction PNGs")
     a("--no-sdpa", action="store_true", help="keep DINOv2's hand-written attention")
+    a("--preload", action=argparse.BooleanOptionalAction, default=None,
+      help="cls: decode the dataset once, resize/normalise batches on the device; default on for "
+           "cifar10/cifar100/stl10/tinyimagenet")
+    a("--compile", action="store_true", help="torch.compile the model (and θ_old)")
+    a("--bench", action="store_true", help="time ce vs grpo on synthetic data of this shape (no training run)")
+    a("--bench-steps", type=int, default=10)
+    a("--bench-warmup", type=int, default=3)
+    a("--hub-kwargs", default="{}", help='JSON keyword arguments for the hub entry point, e.g. \'{"pretrained": false}\'')
     a("--resume", action="store_true", help="continue from OUT/NAME/ckpt.pt if there is one")
     a("--stop-after-epoch", type=int, default=None, metavar="K", help="checkpoint after epoch K and stop")
     args = p.parse_args(argv)
@@ -103,6 +111,15 @@ def get_args(argv=None):
     args.hidden = args.hidden or (64 if args.dataset == "voc" else 256)
     if args.background_penalty is None:
         args.background_penalty = spec.background
+    if args.preload is None:
+        args.preload = spec.small
+    if args.preload and seg:
+        raise UserError("--preload is for classification datasets")
+    try:
+        args.hub_kwargs = json.loads(args.hub_kwargs)
+        assert isinstance(args.hub_kwargs, dict)
+    except (ValueError, AssertionError):
+        raise UserError(f"--hub-kwargs {args.hub_kwargs}: not a JSON object") from None
     if not 0.0 < args.subset <= 1.0:
         raise UserError(f"--subset must be in (0, 1], got {args.subset}")
     for flag in ("epochs", "eval_epochs", "batch_size", "img_size", "seg_size", "hidden"):
@@ -205,6 +222,42 @@ class TinyImageNet(Dataset):
         return self.transform(load_rgb(path)), y
 
 
+class Preloaded:
+    """--preload, for small datasets of one image size (CIFAR, STL-10, Tiny-ImageNet): decode every image
+    once into a uint8 tensor (N, 3, h, w) on the device, then resize, flip and normalise each batch there
+    (the ops of cls_transform, batched), instead of decoding and resizing on the CPU every epoch."""
+
+    def __init__(self, images, targets, classes, device):
+        self.images, self.targets, self.classes = images, targets, classes  # (N, 3, h, w) uint8, list of int
+        self.labels = torch.tensor(targets, device=device)
+
+    @classmethod
+    def decode(cls, ds, device, workers):
+        loader = DataLoader(ds, batch_size=256, num_workers=workers)  # ds has transform = v2.ToImage()
+        try:
+            images = torch.cat([x.to(device) for x, _ in loader])
+        except RuntimeError as e:
+            raise UserError(f"--preload: the images differ in size ({str(e).splitlines()[0]}); use --no-preload") from None
+        return cls(images, list(labels_of(ds)), getattr(ds, "classes", None), device)
+
+    def select(self, keep):
+        return Preloaded(self.images[keep], [self.targets[i] for i in keep], self.classes, self.labels.device)
+
+    def __len__(self):
+        return len(self.images)
+
+    def batches(self, indices, batch_size, train, img_size):
+        for idx in torch.as_tensor(indices, dtype=torch.long).split(batch_size):
+            x = self.images[idx.to(self.images.device)]  # (b, 3, h, w) uint8
+            x = v2.functional.resize(x, img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+            x = v2.functional.center_crop(x, img_size)  # square images: a no-op, as RandomCrop is
+            if train:
+                flip = torch.rand(len(x), device=x.device) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            x = v2.functional.normalize(v2.functional.to_dtype(x, torch.float32, scale=True), MEAN, STD)
+            yield x, self.labels[idx.to(self.labels.device)]  # (b, 3, S, S) float32, (b,)
+
+
 def lut(pairs, unlisted=-1):
     """A 256-entry table from the stored mask value to the class index (IGNORE, or -1 = invalid)."""
     t = np.full(256, unlisted, np.int16)
@@ -299,6 +352,7 @@ class DatasetSpec:
     num_classes: int = 0      # 0: read from the data (cls) or from --num-classes (vocfolder)
     background: bool = False  # class 0 is "background": the segmentation penalty is on by default
     downloads: bool = False   # torchvision can download it into --data-dir
+    small: bool = False       # one image size, fits in memory: --preload by default
 
 
 def identity_table(c):  # VOC: values are classes, 255 = ignore
@@ -314,10 +368,10 @@ def coco_table(c):  # COCO-stuff: the 182 stored ids -> 171 contiguous classes; 
 
 
 DATASETS = {
-    "cifar10": DatasetSpec("cls", torchvision_set(torchvision.datasets.CIFAR10, {"train": {"train": True}, "test": {"train": False}}), downloads=True),
-    "cifar100": DatasetSpec("cls", torchvision_set(torchvision.datasets.CIFAR100, {"train": {"train": True}, "test": {"train": False}}), downloads=True),
-    "stl10": DatasetSpec("cls", torchvision_set(torchvision.datasets.STL10, {"train": {"split": "train"}, "test": {"split": "test"}}), downloads=True),
-    "tinyimagenet": DatasetSpec("cls", TinyImageNet),
+    "cifar10": DatasetSpec("cls", torchvision_set(torchvision.datasets.CIFAR10, {"train": {"train": True}, "test": {"train": False}}), downloads=True, small=True),
+    "cifar100": DatasetSpec("cls", torchvision_set(torchvision.datasets.CIFAR100, {"train": {"train": True}, "test": {"train": False}}), downloads=True, small=True),
+    "stl10": DatasetSpec("cls", torchvision_set(torchvision.datasets.STL10, {"train": {"split": "train"}, "test": {"split": "test"}}), downloads=True, small=True),
+    "tinyimagenet": DatasetSpec("cls", TinyImageNet, small=True),
     "imagenet": DatasetSpec("cls", image_folder),
     "imagefolder": DatasetSpec("cls", image_folder),
     "voc": DatasetSpec("seg", seg_set(voc_pairs, identity_table), 21, background=True),
@@ -338,10 +392,14 @@ def build_data(args, ctx):
         raise UserError(f"--data-dir {root}: no such directory")
     if ctx.world > 1 and ctx.rank > 0:
         dist.barrier()  # rank 0 first: it may download
-    if args.task == "cls":
+    if args.task == "cls" and args.preload:
+        train = train_eval = Preloaded.decode(spec.build(root, "train", v2.ToImage()), ctx.device, args.workers)
+        test = Preloaded.decode(spec.build(root, "test", v2.ToImage()), ctx.device, args.workers)
+    elif args.task == "cls":
         train = spec.build(root, "train", cls_transform(args.img_size, True))
         train_eval = spec.build(root, "train", cls_transform(args.img_size, False))
         test = spec.build(root, "test", cls_transform(args.img_size, False))
+    if args.task == "cls":
         classes = getattr(train, "classes", None)
         if classes is not None and getattr(test, "classes", classes) != classes:
             raise UserError(f"--data-dir {root}: the test/val class folders differ from train/")
@@ -365,7 +423,8 @@ def build_data(args, ctx):
         dist.barrier()
     if args.subset < 1.0:  # the paper's "10%" runs: a fixed random subset for post-training only
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
-        train = Subset(train, keep[:max(1, round(args.subset * len(train)))].tolist())
+        keep = keep[:max(1, round(args.subset * len(train)))].tolist()
+        train = train.select(keep) if isinstance(train, Preloaded) else Subset(train, keep)
     return num_classes, train, train_eval, test
 
 
@@ -374,11 +433,15 @@ def epoch_loader(ds, sampler, epoch, skip_batches, args, ctx):
     # resumed inside an epoch skips the batches that epoch had already done.
     sampler.set_epoch(epoch)
     order = list(sampler)[skip_batches * (args.batch_size // ctx.world):]
+    if isinstance(ds, Preloaded):
+        return ds.batches(order, args.batch_size // ctx.world, True, args.img_size)
     return DataLoader(ds, batch_size=args.batch_size // ctx.world, sampler=order, num_workers=args.workers,
                       pin_memory=ctx.device.type == "cuda")
 
 
 def eval_loader(ds, args, ctx):
+    if isinstance(ds, Preloaded):
+        return ds.batches(range(ctx.rank, len(ds), ctx.world), args.batch_size // ctx.world, False, args.img_size)
     shard = Subset(ds, range(ctx.rank, len(ds), ctx.world))  # no padding: every image counted once
     return DataLoader(shard, batch_size=args.batch_size // ctx.world, num_workers=args.workers,
                       pin_memory=ctx.device.type == "cuda")
@@ -387,7 +450,7 @@ def eval_loader(ds, args, ctx):
 # -----------------------------------------------------------------------------
 # Model: DINOv2 from torch.hub, the classification head and the segmentation head
 
-def load_backbone(hub_repo, name, weights=None):
+def load_backbone(hub_repo, name, weights=None, **kwargs):
     """torch.hub.load of DINOv2: a GitHub repository (online) or a local clone (source='local').
     With --weights the hub's own download is skipped and the file is loaded strictly."""
     local = os.path.isdir(hub_repo)
@@ -400,7 +463,7 @@ def load_backbone(hub_repo, name, weights=None):
                     "--hub-repo DIR --weights dinov2_vits14_pretrain.pth")
     try:
         model = torch.hub.load(hub_repo, name, source=source, trust_repo=True,
-                               **({"pretrained": False} if weights else {}))
+                               **({"pretrained": False} if weights else {}), **kwargs)
     except RuntimeError as e:
         if "Cannot find callable" in str(e):
             raise UserError(f"--model {name}: no such entry point in --hub-repo {hub_repo} "
@@ -479,7 +542,7 @@ class Net(nn.Module):
 
 
 def build_model(args, num_classes, ctx):
-    backbone = load_backbone(args.hub_repo, args.model, args.weights)
+    backbone = load_backbone(args.hub_repo, args.model, args.weights, **args.hub_kwargs)
     if not args.no_sdpa:
         use_sdpa(backbone)
     if hasattr(backbone, "mask_token"):  # used only by DINOv2's masked pre-training, never in forward
@@ -599,18 +662,19 @@ def lr_range(base, batch_size):
 
 def step_loss(args, model, old, x, y, num_classes):
     """The training loss of one batch: -J of Eq. (1) (GRPO-RM) or cross-entropy (fine-tuning)."""
+    def flat(z):  # (B, c, S, S) -> (B·S·S, c): for segmentation every pixel is a sample
+        return z.permute(0, 2, 3, 1).reshape(-1, num_classes) if args.task == "seg" else z
+
+    if args.method == "grpo":
+        with torch.no_grad():  # π_θold(·|x), Algorithm 1 line 5; run first, so that its transient
+            old_logits = flat(old(x))  # activations are freed before the graph's pile up
     logits = model(x)  # (B, c) or (B, c, S, S)
     ignore = -100
     if args.task == "seg":
         y = F.interpolate(y[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()  # (B, S, S)
-        logits = logits.permute(0, 2, 3, 1).reshape(-1, num_classes)  # (B·S·S, c): every pixel is a sample
-        y, ignore = y.reshape(-1), IGNORE
+        logits, y, ignore = flat(logits), y.reshape(-1), IGNORE
     if args.method == "ce":
         return F.cross_entropy(logits.float(), y, ignore_index=ignore)
-    with torch.no_grad():
-        old_logits = old(x)  # π_θold(·|x), Algorithm 1 line 5
-        if args.task == "seg":
-            old_logits = old_logits.permute(0, 2, 3, 1).reshape(-1, num_classes)
     return grpo_rm_loss(logits, old_logits, y, args.clip_eps, args.uniformity, args.background_penalty, ignore)
 
 
@@ -668,14 +732,22 @@ def agreed(value, ctx):
     return t.item() > 0
 
 
+def prepare_training(args, ctx, net):
+    """DDP wrapper (gradients averaged across ranks), optional torch.compile, Adam (fused on GPU)."""
+    model = DDP(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if ctx.world > 1 else net
+    model = torch.compile(model) if args.compile else model
+    params = [p for p in net.parameters() if p.requires_grad]  # θ_old is not among them
+    lr_max, _ = lr_range(args.lr, args.batch_size)
+    return model, params, torch.optim.Adam(params, lr=lr_max, weight_decay=0.0, fused=ctx.device.type == "cuda")
+
+
 def train(args, ctx, net, train_set, num_classes, run_dir):
     """Algorithm 1 (and, with --method ce, standard fine-tuning with the same network and schedule).
     Returns the history, or None when --stop-after-epoch ended it early."""
     old = make_old(net) if args.method == "grpo" else None
-    model = DDP(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if ctx.world > 1 else net
-    params = [p for p in net.parameters() if p.requires_grad]
+    model, params, opt = prepare_training(args, ctx, net)
+    old_fwd = torch.compile(old) if args.compile and old is not None else old
     lr_max, lr_min = lr_range(args.lr, args.batch_size)
-    opt = torch.optim.Adam(params, lr=lr_max, weight_decay=0.0, fused=ctx.device.type == "cuda")
     sampler = DistributedSampler(train_set, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=args.seed)
     per_epoch = math.ceil(len(sampler) / (args.batch_size // ctx.world))
     total, ckpt = args.epochs * per_epoch, os.path.join(run_dir, "ckpt.pt")
@@ -700,7 +772,7 @@ def train(args, ctx, net, train_set, num_classes, run_dir):
                 g["lr"] = lr
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             with ctx.amp():
-                loss = step_loss(args, model, old, x, y, num_classes)
+                loss = step_loss(args, model, old_fwd, x, y, num_classes)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # reports, never clips
@@ -929,6 +1001,110 @@ def save_vis(x, y, pred, run_dir, start, limit):
 
 
 # -----------------------------------------------------------------------------
+# Benchmark (--bench): the cost of GRPO-RM against fine-tuning, on synthetic data of the run's shape
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s, for MFU
+
+
+def rss_gb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def bench_method(args, method, num_classes, queue):
+    """One method's step time, peak memory and FLOPs; runs in a child process of its own."""
+    from torch.utils.flop_counter import FlopCounterMode
+    args.method = method
+    ctx = setup(args)
+    net = build_model(args, num_classes, ctx)
+    old = make_old(net) if method == "grpo" else None
+    model, params, opt = prepare_training(args, ctx, net)
+    old = torch.compile(old) if args.compile and old is not None else old
+    B, S = args.batch_size, args.img_size
+    x = torch.randn(B, 3, S, S, device=ctx.device)
+    y = torch.randint(0, num_classes, (B, S, S) if args.task == "seg" else (B,), device=ctx.device)
+
+    def step():
+        with ctx.amp():
+            loss = step_loss(args, model, old, x, y, num_classes)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
+    base = rss_gb()
+    for _ in range(args.bench_warmup):
+        step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    sync()
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.bench_steps):
+        step()
+    sync()
+    dt = (time.perf_counter() - t0) / args.bench_steps
+    queue.put({"ms_per_step": 1e3 * dt, "img_per_s": B / dt, "flops_per_step": counter.get_total_flops(),
+               "peak_memory_gb": peak_memory_gb(ctx.device),
+               "memory_above_start_gb": None if ctx.device.type == "cuda" else peak_memory_gb(ctx.device) - base})
+
+
+def loader_speed(args, ctx, n_batches=10):
+    """Images/s of the real input pipeline (decoding + resizing + normalising), or None without data."""
+    if not os.path.isdir(args.data_dir):
+        return None
+    _, train_set, _, _ = build_data(args, ctx)
+    sampler = DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=0)
+    it, n = iter(epoch_loader(train_set, sampler, 0, 0, args, ctx)), 0
+    next(it)  # start the workers
+    t0 = time.perf_counter()
+    for _, (x, _) in zip(range(n_batches), it):
+        n += len(x.to(ctx.device))
+    return n / (time.perf_counter() - t0)
+
+
+def bench(args):
+    import multiprocessing
+    mp = multiprocessing.get_context("spawn")
+    num_classes = args.num_classes or DATASETS[args.dataset].num_classes or 1000
+    rows = {}
+    for method in ("ce", "grpo"):
+        queue = mp.Queue()
+        p = mp.Process(target=bench_method, args=(args, method, num_classes, queue))
+        p.start()
+        rows[method] = queue.get()
+        p.join()
+    ctx = setup(args)
+    dev = torch.cuda.get_device_name() if ctx.device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    peak = next((v for k, v in PEAK_BF16.items() if k in dev), None) if args.dtype != "fp32" else None
+    for r in rows.values():
+        r["mfu"] = r["flops_per_step"] * r["img_per_s"] / args.batch_size / peak if peak else None
+    result = {"config": vars(args), "device": dev, "torch": torch.__version__, "methods": rows,
+              "loader_img_per_s": loader_speed(args, ctx), "date": time.strftime("%Y-%m-%d")}
+    print(f"{args.model} {args.task} {args.img_size}px batch {args.batch_size} {str(ctx.amp_dtype)[6:]} "
+          f"sdpa={not args.no_sdpa} compile={args.compile} on {dev}")
+    print("| method | ms/step | img/s | GFLOP/step | peak mem GB | mem above start GB | MFU |\n|---|---|---|---|---|---|---|")
+    for m, r in rows.items():
+        above = f"{r['memory_above_start_gb']:.3f}" if r["memory_above_start_gb"] is not None else "—"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "—"
+        print(f"| {m} | {r['ms_per_step']:.1f} | {r['img_per_s']:.0f} | {r['flops_per_step'] / 1e9:.1f} | "
+              f"{r['peak_memory_gb']:.3f} | {above} | {mfu} |")
+    g, c = rows["grpo"], rows["ce"]
+    print(f"grpo/ce: time x{g['ms_per_step'] / c['ms_per_step']:.3f}, FLOPs x{g['flops_per_step'] / c['flops_per_step']:.3f}, "
+          f"peak memory x{g['peak_memory_gb'] / c['peak_memory_gb']:.3f}")
+    if result["loader_img_per_s"]:
+        print(f"input pipeline: {result['loader_img_per_s']:.0f} img/s vs model {c['img_per_s']:.0f} (ce) / "
+              f"{g['img_per_s']:.0f} (grpo) img/s -> the bottleneck is the "
+              f"{'loader' if result['loader_img_per_s'] < g['img_per_s'] else 'model'}")
+    os.makedirs(args.out, exist_ok=True)
+    write_json_atomic(os.path.join(args.out, f"bench-{args.task}-{args.dataset}-{args.model}-{args.img_size}px-"
+                                             f"b{args.batch_size}{'-compile' if args.compile else ''}"
+                                             f"{'-nosdpa' if args.no_sdpa else ''}.json"), result)
+    return result
+
+
+# -----------------------------------------------------------------------------
 # Main
 
 def write_json_atomic(path, obj):
@@ -944,6 +1120,8 @@ def peak_memory_gb(device):
 def main(argv=None):
     """Run one experiment. Returns (result dict, trained Net)."""
     args = get_args(argv)
+    if args.bench:
+        return bench(args), None
     ctx = setup(args)
     try:
         run_dir = os.path.join(args.out, run_name(args))

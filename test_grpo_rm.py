@@ -713,3 +713,59 @@ def test_failing_rank_stops_all(hub, imagefolder, tmp_path):
     assert p.returncode != 0 and time.time() - t0 < 90
     assert "1.png: cannot read image" in p.stderr
     assert not list(tmp_path.glob("*/result.json"))
+
+
+# -----------------------------------------------------------------------------
+# Performance: preloaded batches, θ_old outside the optimizer, one feature pass per split, --bench
+
+def test_preload_matches_dataloader(imagefolder):
+    ds = G.DATASETS["imagefolder"].build(imagefolder, "test", G.cls_transform(24, False))
+    raw = G.Preloaded.decode(G.DATASETS["imagefolder"].build(imagefolder, "test", G.v2.ToImage()), torch.device("cpu"), 0)
+    idx = [5, 0, 11, 3]
+    x, y = next(raw.batches(idx, 4, False, 24))
+    ref = torch.stack([ds[i][0] for i in idx])
+    assert y.tolist() == [ds[i][1] for i in idx] and x.shape == (4, 3, 24, 24)
+    torch.testing.assert_close(x, ref, atol=1e-5, rtol=0)  # the same ops, batched
+    xt, _ = next(raw.batches(idx, 4, True, 24))  # training: each image is itself or its mirror
+    assert all(torch.allclose(a, r, atol=1e-5) or torch.allclose(a, r.flip(-1), atol=1e-5) for a, r in zip(xt, ref))
+
+
+def test_old_model_outside_optimizer_and_preload_smoke(hub, imagefolder, tmp_path, monkeypatch):
+    seen = {}
+    prepare = G.prepare_training
+
+    def spy(args, ctx, net):
+        seen["model"], seen["params"], seen["opt"] = prepare(args, ctx, net)
+        return seen["model"], seen["params"], seen["opt"]
+    refresh = G.refresh_old
+    monkeypatch.setattr(G, "prepare_training", spy)
+    monkeypatch.setattr(G, "refresh_old", lambda old, model: (seen.setdefault("old", old), refresh(old, model)))
+    _, net = G.main(cls_args(hub, imagefolder, tmp_path, "--preload"))
+    in_opt = {id(p) for g in seen["opt"].param_groups for p in g["params"]}
+    assert all(not p.requires_grad and id(p) not in in_opt and p.grad is None for p in seen["old"].parameters())
+    assert all(id(p) not in seen["opt"].state for p in seen["old"].parameters())
+    assert in_opt == {id(p) for p in net.parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("preload", ["--preload", "--no-preload"])
+def test_evaluation_is_one_feature_pass_per_split(hub, imagefolder, tmp_path, monkeypatch, preload):
+    images = []
+    features = G.Net.features
+    monkeypatch.setattr(G.Net, "features", lambda self, x: images.append(len(x)) or features(self, x))
+    G.main(cls_args(hub, imagefolder, tmp_path, "--method", "frozen", "--eval-epochs", "5", preload))
+    assert sum(images) == 24 + 12  # every train and test image exactly once, for SR and kNN together
+
+
+def test_bench_smoke(hub, tmp_path):
+    argv = ["--bench", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "none"), "--hub-repo", hub,
+            "--model", "dinov2_vitt_test", "--img-size", "16", "--batch-size", "8", "--bench-steps", "2",
+            "--bench-warmup", "1", "--out", str(tmp_path), "--workers", "0"]
+    p = subprocess.run([sys.executable, os.path.join(HERE, "grpo_rm.py"), *argv], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "grpo/ce: time x" in p.stdout
+    res = json.load(open(next(tmp_path.glob("bench-*.json"))))
+    ce, grpo = res["methods"]["ce"], res["methods"]["grpo"]
+    # One extra forward of θ_old: FLOPs between 1x and 1.5x of fine-tuning (forward ≈ 1/3 of a step).
+    assert 1.0 < grpo["flops_per_step"] / ce["flops_per_step"] < 1.5
+    assert ce["ms_per_step"] > 0 and ce["peak_memory_gb"] > 0
