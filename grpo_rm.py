@@ -1155,7 +1155,11 @@ def main(argv=None):
                   "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
                   "torch": torch.__version__, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         if ctx.rank == 0:
+            if args.method != "frozen":  # the post-trained DINOv2, loadable again with --weights
+                atomic_save(os.path.join(run_dir, "backbone.pt"), lambda f: torch.save(net.backbone.state_dict(), f))
             write_json_atomic(os.path.join(run_dir, "result.json"), result)  # only a finished run has one
+            if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+                os.remove(os.path.join(run_dir, "ckpt.pt"))  # finished: the resume state is no longer needed
             print(f"{run_name(args)}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)),
                   flush=True)
         return result, net

@@ -458,6 +458,10 @@ def test_smoke_grpo_cls_refreshes_old_each_epoch(hub, imagefolder, tmp_path, mon
     assert saved["metrics"] == result["metrics"] and len(saved["train_loss"]) == 2
     assert 0 <= saved["metrics"]["sr"] <= 100 and 0 <= saved["metrics"]["knn"] <= 100
     assert saved["config"]["method"] == "grpo" and saved["peak_memory_gb"] > 0
+    run = tmp_path / "cls-imagefolder-grpo-eq4-s0"
+    assert not (run / "ckpt.pt").exists()  # a finished run keeps its backbone, not its resume state
+    again = G.load_backbone(hub, "dinov2_vitt_test", str(run / "backbone.pt"))
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in net.backbone.state_dict().items())
 
 
 @pytest.mark.parametrize("extra", [["--method", "ce"], ["--method", "grpo", "--uniformity", "eq5", "--dtype", "bf16"]])
@@ -644,13 +648,13 @@ def test_exact_resume(hub, imagefolder, tmp_path):
     run = tmp_path / "b" / "cls-imagefolder-grpo-eq4-s0"
     assert res is None and (run / "ckpt.pt").exists() and not (run / "result.json").exists()
     assert torch.load(run / "ckpt.pt", weights_only=False)["state"]["epoch"] == 1
+    with pytest.raises(G.UserError, match="--resume: .*other settings.*--lr"):
+        G.main(cls_args(hub, imagefolder, tmp_path / "b", "--epochs", "3", "--resume", "--lr", "0.5"))
     resumed, net_res = G.main(cls_args(hub, imagefolder, tmp_path / "b", "--epochs", "3", "--resume"))
     a, b = net_full.state_dict(), net_res.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     assert resumed["metrics"] == full["metrics"]
     assert resumed["train_loss"] == pytest.approx(full["train_loss"], abs=1e-6)
-    with pytest.raises(G.UserError, match="--resume: .*other settings.*--lr"):
-        G.main(cls_args(hub, imagefolder, tmp_path / "b", "--epochs", "3", "--resume", "--lr", "0.5"))
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoint(hub, imagefolder, tmp_path, monkeypatch):
