@@ -49,7 +49,7 @@ class UserError(Exception):
 # -----------------------------------------------------------------------------
 # Config: every flag, with defaults that reproduce the paper (Section 4.2)
 
-def get_args(argv=None):
+def make_parser():
     p = argparse.ArgumentParser(description="GRPO-RM / fine-tuning / frozen evaluation of DINOv2",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
@@ -90,13 +90,21 @@ def get_args(argv=None):
       help="cls: decode the dataset once, resize/normalise batches on the device; default on for "
            "cifar10/cifar100/stl10/tinyimagenet")
     a("--compile", action="store_true", help="torch.compile the model (and θ_old)")
+    a("--report", metavar="RUNS_DIR", help="aggregate RUNS_DIR/*/result.json into tables and figures, then exit")
     a("--bench", action="store_true", help="time ce vs grpo on synthetic data of this shape (no training run)")
     a("--bench-steps", type=int, default=10)
     a("--bench-warmup", type=int, default=3)
     a("--hub-kwargs", default="{}", help='JSON keyword arguments for the hub entry point, e.g. \'{"pretrained": false}\'')
     a("--resume", action="store_true", help="continue from OUT/NAME/ckpt.pt if there is one")
     a("--stop-after-epoch", type=int, default=None, metavar="K", help="checkpoint after epoch K and stop")
-    args = p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None):
+    """Parse the flags, fill the task-dependent defaults, and check what can be checked before any work."""
+    args = make_parser().parse_args(argv)
+    if args.report:
+        return args
     if args.dataset is None:
         raise UserError(f"--dataset is required (one of: {', '.join(sorted(DATASETS))})")
     spec = DATASETS[args.dataset]
@@ -741,6 +749,20 @@ def prepare_training(args, ctx, net):
     return model, params, torch.optim.Adam(params, lr=lr_max, weight_decay=0.0, fused=ctx.device.type == "cuda")
 
 
+def train_step(args, ctx, model, old, opt, params, x, y, lr, num_classes):
+    """One optimisation step. Returns the loss and the gradient norm as device tensors (no host sync)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+    with ctx.amp():
+        loss = step_loss(args, model, old, x, y, num_classes)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # measures, never clips
+    opt.step()
+    return loss.detach(), gnorm
+
+
 def train(args, ctx, net, train_set, num_classes, run_dir):
     """Algorithm 1 (and, with --method ce, standard fine-tuning with the same network and schedule).
     Returns the history, or None when --stop-after-epoch ended it early."""
@@ -768,48 +790,38 @@ def train(args, ctx, net, train_set, num_classes, run_dir):
         for i, (x, y) in enumerate(epoch_loader(train_set, sampler, epoch, skip, args, ctx), start=skip):
             step = epoch * per_epoch + i
             lr = cosine_lr(step, total, lr_max, lr_min)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-            with ctx.amp():
-                loss = step_loss(args, model, old_fwd, x, y, num_classes)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # reports, never clips
-            opt.step()
-            loss_sum += loss.detach()
+            loss, gnorm = train_step(args, ctx, model, old_fwd, opt, params, x, y, lr, num_classes)
+            loss_sum += loss
             n_seen += len(x)
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach() + gnorm), step, first_bad)
-            sync = step % args.log_every == 0 or i == per_epoch - 1  # the only host syncs of the loop
-            if sync:
-                if first_bad.item() >= 0:
-                    raise RunStopped(f"non-finite loss or gradient at epoch {epoch + 1}, step {first_bad.item() + 1}; "
-                                     f"last good checkpoint: {ckpt if os.path.isfile(ckpt) else 'none'} "
-                                     f"(lower --lr or use --dtype fp32, then --resume)")
-                if ctx.rank == 0:
-                    dt = time.time() - t_log
-                    print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{total} | loss {loss.item():.4f} | "
-                          f"grad norm {gnorm.item():.3f} | lr {lr:.2e} | {n_seen * ctx.world / max(dt, 1e-9):.0f} img/s",
-                          flush=True)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss + gnorm), step, first_bad)
+            sync = step % args.log_every == 0 or i == per_epoch - 1  # the loop's only host syncs
+            if sync and first_bad.item() >= 0:
+                raise RunStopped(f"non-finite loss or gradient at epoch {epoch + 1}, step {first_bad.item() + 1}; "
+                                 f"last good checkpoint: {ckpt if os.path.isfile(ckpt) else 'none'} "
+                                 f"(lower --lr or use --dtype fp32, then --resume)")
+            if sync and ctx.rank == 0:
+                print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{total} | loss {loss.item():.4f} | "
+                      f"grad norm {gnorm.item():.3f} | lr {lr:.2e} | "
+                      f"{n_seen * ctx.world / max(time.time() - t_log, 1e-9):.0f} img/s", flush=True)
                 t_log, n_seen = time.time(), 0
-            if (sync or ctx.world == 1) and agreed(stop["signal"], ctx) and i < per_epoch - 1:
+            stopping = (sync or ctx.world == 1) and agreed(stop["signal"], ctx)  # ranks stop at the same step
+            if stopping and i < per_epoch - 1:
                 st.update(epoch=epoch, step_in_epoch=i + 1, loss_sum=loss_sum.item())
-                if ctx.rank == 0:
-                    save_checkpoint(ckpt, args, net, old, opt, st)
-                raise RunStopped(f"stopped by {stop['signal'] or 'a signal'} at epoch {epoch + 1}, step {step + 1}; "
-                                 f"checkpoint {ckpt}: rerun with --resume")
-        if ctx.world > 1:
-            dist.all_reduce(loss_sum)
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize()
-        st["train_loss"].append(loss_sum.item() / (per_epoch * ctx.world))
-        st["sec_per_epoch"].append(time.time() - t0)
-        st.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0)
+                break
+        else:  # the epoch ran to its end
+            if ctx.world > 1:
+                dist.all_reduce(loss_sum)
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize()
+            st["train_loss"].append(loss_sum.item() / (per_epoch * ctx.world))
+            st["sec_per_epoch"].append(time.time() - t0)
+            st.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0)
+            stopping = agreed(stop["signal"], ctx)
         if ctx.rank == 0:
             save_checkpoint(ckpt, args, net, old, opt, st)
-        if agreed(stop["signal"], ctx):
-            raise RunStopped(f"stopped by {stop['signal'] or 'a signal'} after epoch {epoch + 1}; "
-                             f"checkpoint {ckpt}: rerun with --resume")
+        if stopping:
+            raise RunStopped(f"stopped by {stop['signal'] or 'a signal'} at epoch {st['epoch'] + 1}, step "
+                             f"{st['step_in_epoch']}; checkpoint {ckpt}: rerun with --resume")
         if args.stop_after_epoch == epoch + 1:
             return None
     return {"train_loss": st["train_loss"], "sec_per_epoch": st["sec_per_epoch"]}
@@ -1024,12 +1036,10 @@ def bench_method(args, method, num_classes, queue):
     x = torch.randn(B, 3, S, S, device=ctx.device)
     y = torch.randint(0, num_classes, (B, S, S) if args.task == "seg" else (B,), device=ctx.device)
 
+    lr = lr_range(args.lr, B)[0]
+
     def step():
-        with ctx.amp():
-            loss = step_loss(args, model, old, x, y, num_classes)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(args, ctx, model, old, opt, params, x, y, lr, num_classes)
 
     sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
     base = rss_gb()
@@ -1105,6 +1115,187 @@ def bench(args):
 
 
 # -----------------------------------------------------------------------------
+# Report (--report RUNS_DIR): the paper's tables and figures from the run JSONs, mean ± std over seeds
+
+METHODS = [("frozen", "DINOv2 (frozen)"), ("ce", "Fine-tuning"), ("grpo", "GRPO-RM")]
+UNIFORMITY_NAMES = [("none", "set to 0"), ("eq5", "Eq. (5)"), ("eq4", "Eq. (4) (GRPO-RM)")]
+
+
+def data_label(cfg):
+    folder = cfg["dataset"] in ("imagefolder", "vocfolder")
+    return f"{cfg['dataset']}:{os.path.basename(os.path.normpath(cfg['data_dir']))}" if folder else cfg["dataset"]
+
+
+def cell(values, best=False):
+    """'mean ± std' over seeds (sample std; a single run shows its value), bold if best, '—' if none."""
+    if not values:
+        return "—"
+    m = float(np.mean(values))
+    text = f"{m:.2f} ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{m:.2f}"
+    return f"**{text}**" if best else text
+
+
+def table(title, header, blocks, bold=None):
+    """blocks: [(row label prefix, [(row name, [values per column])])]; in the columns marked in `bold`
+    (default: all), the best (highest) mean of each block is bolded."""
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for prefix, rows in blocks:
+        means = [[np.mean(v) if v else -np.inf for v in vals] for _, vals in rows]
+        best = np.max(means, axis=0) if rows else []
+        for (name, vals), ms in zip(rows, means):
+            cells = [cell(v, bool(v) and m == b and sum(1 for r in means if r[k] > -np.inf) > 1
+                          and (bold is None or bold[k])) for k, (v, m, b) in enumerate(zip(vals, ms, best))]
+            lines.append(f"| {prefix} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""])
+
+
+def draw_curves(path, panels):
+    """A small line chart with PIL (no plotting library): one panel per (title, {label: ys})."""
+    from PIL import ImageDraw
+    W, H, pad = 420, 260, 44
+    img = Image.new("RGB", (W * len(panels), H), "white")
+    d = ImageDraw.Draw(img)
+    for j, (title, series) in enumerate(panels):
+        ys_all = [y for ys in series.values() for y in ys]
+        lo, hi = min(ys_all), max(ys_all)
+        hi = hi if hi > lo else lo + 1
+        x0, y0, x1, y1 = j * W + pad, pad, (j + 1) * W - 10, H - pad
+        d.rectangle((x0, y0, x1, y1), outline="black")
+        d.text((x0, 12), title, fill="black")
+        d.text((j * W + 4, y0), f"{hi:.3g}", fill="black")
+        d.text((j * W + 4, y1 - 10), f"{lo:.3g}", fill="black")
+        d.text(((x0 + x1) // 2 - 15, y1 + 8), "epoch", fill="black")
+        n = max(len(ys) for ys in series.values())
+        d.text((x0, y1 + 8), "1", fill="black")
+        d.text((x1 - 12, y1 + 8), str(n), fill="black")
+        for k, (label, ys) in enumerate(series.items()):
+            color = {"ce": (31, 119, 180), "grpo": (214, 39, 40)}.get(label, (44, 160, 44))
+            pts = [(x0 + (x1 - x0) * i / max(1, len(ys) - 1), y1 - (y1 - y0) * (y - lo) / (hi - lo)) for i, y in enumerate(ys)]
+            d.line(pts, fill=color, width=2) if len(pts) > 1 else d.ellipse((pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2), fill=color)
+            d.text((x1 - 70, y0 + 6 + 12 * k), label, fill=color)
+    img.save(path)
+
+
+def load_groups(root):
+    """RUNS_DIR/*/result.json grouped by configuration: (task, data, method, uniformity, feature type,
+    subset) -> [result per seed]; each result also records its folder."""
+    groups = {}
+    for f in sorted(glob.glob(os.path.join(root, "*", "result.json"))):
+        r = json.load(open(f))
+        r["dir"], c = os.path.dirname(f), r["config"]
+        key = (c["task"], data_label(c), c["method"], c["uniformity"] if c["method"] == "grpo" else "",
+               c["feature_type"] if c["task"] == "seg" else "", c["subset"])
+        groups.setdefault(key, []).append(r)
+    return groups
+
+
+def paper_tables(groups):
+    """Tables 3, 2/4 and 6, shaped like the paper's."""
+    def vals(task, data, method, metric, uni="eq4", ft="", subset=1.0, field="metrics"):
+        rs = groups.get((task, data, method, uni if method == "grpo" else "", ft, subset), [])
+        return [r["metrics"][metric] if field == "metrics" else float(np.mean(r[field])) for r in rs if r[field]]
+
+    out, cls_data = [], sorted({k[1] for k in groups if k[0] == "cls"})
+    if cls_data:
+        out.append(table("Table 3: classification (SR, kNN top-1 %)", ["Dataset", "Method", "SR", "kNN"],
+                         [(d, [(name, [vals("cls", d, m, "sr"), vals("cls", d, m, "knn")]) for m, name in METHODS])
+                          for d in cls_data]))
+    for d in sorted({k[1] for k in groups if k[0] == "seg"}):
+        subsets = sorted({k[5] for k in groups if k[:2] == ("seg", d)})  # e.g. 0.1 (the paper's "10%") and 1
+        blocks = [({"linear": "Linear", "ms": "Multi Scale"}[ft],
+                   [(f"{name}{f' ({100 * sub:g}%)' if sub < 1 else ''}",
+                     [vals("seg", d, m, k, ft=ft, subset=sub) for k in ("pixel_acc", "iou", "miou")])
+                    for m, name in METHODS for sub in ((1.0,) if m == "frozen" else subsets)])
+                  for ft in sorted({k[4] for k in groups if k[:2] == ("seg", d)}, key=["linear", "ms"].index)]
+        out.append(table(f"Tables 2/4: segmentation on {d} (%, IoU = frequency-weighted IoU)",
+                         ["Feature type", "Method", "Pixel Acc", "IoU", "mIoU"], blocks))
+    ablation = sorted({(k[0], k[1]) for k in groups if k[2] == "grpo" and k[3] != "eq4"})
+    if ablation:
+        blocks = [(d, [(name, [vals(t, d, "grpo", "sr" if t == "cls" else "pixel_acc", u, ft),
+                               vals(t, d, "grpo", None, u, ft, field="sec_per_epoch")]) for u, name in UNIFORMITY_NAMES])
+                  for t, d in ablation for ft in ["linear" if t == "seg" else ""]]
+        out.append(table("Table 6: uniformity reward (SR % for classification, pixel acc % for segmentation; s/epoch)",
+                         ["Dataset", "Uniformity reward", "Accuracy", "s/epoch"], blocks, bold=[True, False]))
+    return out
+
+
+def bench_table(benches):
+    """Table 5 from --bench results: cost per step of ce vs grpo, and the ratios."""
+    out = ["### Table 5: cost per training step, ce vs grpo (--bench, synthetic data)", "",
+           "| Dataset | Model | Batch | Device | Method | ms/step | GFLOP/step | Peak memory GB | grpo/ce time | grpo/ce memory |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for b in benches:
+        c, ce, g = b["config"], b["methods"]["ce"], b["methods"]["grpo"]
+        for m, r in b["methods"].items():
+            ratio = (f"x{g['ms_per_step'] / ce['ms_per_step']:.3f} | x{g['peak_memory_gb'] / ce['peak_memory_gb']:.3f}"
+                     if m == "grpo" else " | ")
+            out.append(f"| {data_label(c)} | {c['model']} | {c['batch_size']} | {b['device']} | {m} | "
+                       f"{r['ms_per_step']:.1f} | {r['flops_per_step'] / 1e9:.1f} | {r['peak_memory_gb']:.2f} | {ratio} |")
+    return out + [""]
+
+
+def fig3_curves(root, groups):
+    """Figure 3: training loss per epoch, ce vs grpo, mean over seeds -> CSV and PNG per dataset."""
+    out = []
+    for d in sorted({k[1] for k in groups if k[2] in ("ce", "grpo") and k[5] == 1.0}):
+        series = {}
+        for m in ("ce", "grpo"):
+            hist = [r["train_loss"] for k, rs in groups.items() if k[1] == d and k[2] == m and k[3] in ("", "eq4")
+                    and k[4] in ("", "linear") and k[5] == 1.0 for r in rs if r["train_loss"]]
+            n = min((len(h) for h in hist), default=0)
+            if n:
+                series[m] = np.array([h[:n] for h in hist])  # (seeds, epochs)
+        if not series:
+            continue
+        name = d.replace(":", "_")
+        with open(os.path.join(root, f"fig3_{name}.csv"), "w") as f:
+            f.write("epoch," + ",".join(f"{m}_mean,{m}_std" for m in series) + "\n")
+            for e in range(max(a.shape[1] for a in series.values())):
+                f.write(f"{e + 1}," + ",".join(f"{a[:, e].mean():.6f},{a[:, e].std():.6f}" if e < a.shape[1] else ","
+                                                for a in series.values()) + "\n")
+        draw_curves(os.path.join(root, f"fig3_{name}.png"),
+                    [(f"{d}: {m} training loss", {m: a.mean(0).tolist()}) for m, a in series.items()])
+        out.append(f"Figure 3 ({d}): fig3_{name}.csv, fig3_{name}.png")
+    return out
+
+
+def fig2_grid(root, groups):
+    """Figure 2: rows of image | truth | frozen | fine-tuning | GRPO-RM from the runs' --save-vis PNGs."""
+    out = []
+    for d in sorted({k[1] for k in groups if k[0] == "seg"}):
+        pngs = {m: sorted(glob.glob(os.path.join(groups[key][0]["dir"], "vis", "*.png"))) if key in groups else []
+                for m, key in ((m, ("seg", d, m, "eq4" if m == "grpo" else "", "linear", 1.0)) for m, _ in METHODS)}
+        n = min(len(p) for p in pngs.values())
+        if not n:
+            continue
+        rows = []
+        for i in range(n):
+            ims = {m: np.array(Image.open(p[i]).convert("RGB")) for m, p in pngs.items()}
+            w = ims["frozen"].shape[1] // 3  # each PNG is image | truth | prediction
+            rows.append(np.concatenate([ims["frozen"]] + [ims[m][:, 2 * w:] for m in ("ce", "grpo")], axis=1))
+        name = f"fig2_{d.replace(':', '_')}.png"
+        Image.fromarray(np.concatenate(rows, axis=0)).save(os.path.join(root, name))
+        out.append(f"Figure 2 ({d}): {name} (image | truth | frozen | fine-tuning | GRPO-RM)")
+    return out
+
+
+def report(root):
+    groups = load_groups(root)
+    benches = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(root, "bench-*.json")))]
+    if not groups and not benches:
+        raise UserError(f"--report {root}: no */result.json or bench-*.json there")
+    n = sum(len(v) for v in groups.values())
+    out = [f"# Results in {root}", "", f"{n} runs; mean ± std over seeds; best per dataset in bold.", ""]
+    out += paper_tables(groups) + (bench_table(benches) if benches else [])
+    out += fig3_curves(root, groups) + fig2_grid(root, groups)
+    text = "\n".join(out) + "\n"
+    with open(os.path.join(root, "report.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return text
+
+
+# -----------------------------------------------------------------------------
 # Main
 
 def write_json_atomic(path, obj):
@@ -1120,6 +1311,8 @@ def peak_memory_gb(device):
 def main(argv=None):
     """Run one experiment. Returns (result dict, trained Net)."""
     args = get_args(argv)
+    if args.report:
+        return report(args.report), None
     if args.bench:
         return bench(args), None
     ctx = setup(args)

@@ -773,3 +773,39 @@ def test_bench_smoke(hub, tmp_path):
     # One extra forward of θ_old: FLOPs between 1x and 1.5x of fine-tuning (forward ≈ 1/3 of a step).
     assert 1.0 < grpo["flops_per_step"] / ce["flops_per_step"] < 1.5
     assert ce["ms_per_step"] > 0 and ce["peak_memory_gb"] > 0
+
+
+# -----------------------------------------------------------------------------
+# Report: tables from run JSONs
+
+def _fake_run(root, name, task, dataset, method, seed, metrics, losses=(), uniformity="eq4", subset=1.0):
+    cfg = {"task": task, "dataset": dataset, "data_dir": f"data/{dataset}", "method": method, "uniformity": uniformity,
+           "feature_type": "linear", "subset": subset, "seed": seed}
+    os.makedirs(root / name)
+    (root / name / "result.json").write_text(json.dumps(
+        {"config": cfg, "metrics": metrics, "train_loss": list(losses), "sec_per_epoch": [2.0, 4.0][:len(losses)]}))
+
+
+def test_report_tables(tmp_path):
+    _fake_run(tmp_path, "a", "cls", "cifar10", "frozen", 0, {"sr": 50.0, "knn": 40.0})
+    for seed, (sr, knn) in enumerate([(60.0, 58.0), (62.0, 60.0)]):
+        _fake_run(tmp_path, f"ce{seed}", "cls", "cifar10", "ce", seed, {"sr": sr, "knn": knn}, [1.0, 0.5])
+    for seed, (sr, knn) in enumerate([(64.0, 55.0), (66.0, 57.0)]):
+        _fake_run(tmp_path, f"g{seed}", "cls", "cifar10", "grpo", seed, {"sr": sr, "knn": knn}, [0.0, -0.1])
+    _fake_run(tmp_path, "g100", "cls", "cifar100", "grpo", 0, {"sr": 30.0, "knn": 31.0})
+    _fake_run(tmp_path, "g100u", "cls", "cifar100", "grpo", 0, {"sr": 29.0, "knn": 30.0}, [0.1, 0.0], uniformity="none")
+    _fake_run(tmp_path, "seg", "seg", "voc", "grpo", 0, {"pixel_acc": 90.0, "iou": 80.0, "miou": 60.0})
+    text = G.main(["--report", str(tmp_path)])[0]
+    # ce: SR 60, 62 -> mean 61, sample std sqrt(((-1)^2 + 1^2)/1) = 1.41; kNN 58, 60 -> 59 ± 1.41 (best kNN)
+    # grpo: SR 64, 66 -> 65 ± 1.41 (best SR); kNN 55, 57 -> 56 ± 1.41; frozen: one run, no ±
+    assert "| cifar10 | DINOv2 (frozen) | 50.00 | 40.00 |" in text
+    assert "| cifar10 | Fine-tuning | 61.00 ± 1.41 | **59.00 ± 1.41** |" in text
+    assert "| cifar10 | GRPO-RM | **65.00 ± 1.41** | 56.00 ± 1.41 |" in text
+    assert "| cifar100 | Fine-tuning | — | — |" in text and "| cifar100 | GRPO-RM | 30.00 | 31.00 |" in text
+    # Table 6 (cifar100): "set to 0" 29.00 at 3.00 s/epoch (mean of 2 and 4), Eq. (5) missing, Eq. (4) 30.00 best
+    assert "| cifar100 | set to 0 | 29.00 | 3.00 |" in text and "| cifar100 | Eq. (5) | — | — |" in text
+    assert "| cifar100 | Eq. (4) (GRPO-RM) | **30.00** | — |" in text  # no epoch times: "—", never nan
+    assert "| Linear | GRPO-RM | 90.00 | 80.00 | 60.00 |" in text and "| Linear | Fine-tuning | — | — | — |" in text
+    curve = (tmp_path / "fig3_cifar10.csv").read_text().splitlines()
+    assert curve[0] == "epoch,ce_mean,ce_std,grpo_mean,grpo_std" and curve[2].startswith("2,0.500000,0.000000,-0.100000")
+    assert Image.open(tmp_path / "fig3_cifar10.png").size[0] > 0 and (tmp_path / "report.md").exists()
