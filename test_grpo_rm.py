@@ -351,6 +351,14 @@ def test_sdpa_patch_is_equivalent(hub):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_seg_head_projects_before_upsampling_exactly():
+    head = G.SegHead(12, 5, 3, 16).double()
+    tokens = torch.randn(2, 12, 4, 4, dtype=torch.float64)
+    paper = head.mlp(F.interpolate(tokens, size=(16, 16), mode="bilinear", align_corners=False))  # upsample, project
+    torch.testing.assert_close(head(tokens), paper, atol=1e-12, rtol=0)
+    assert head(tokens, size=(24, 24)).shape == (2, 3, 24, 24)
+
+
 # -----------------------------------------------------------------------------
 # Data: real layouts
 
