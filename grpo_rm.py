@@ -1000,12 +1000,16 @@ def evaluate_seg(args, ctx, net, train_eval, test, num_classes, run_dir):
     torch.manual_seed(args.seed)
     head = SegHead(tr_f.shape[1], args.hidden, num_classes, args.seg_size).to(ctx.device)
     head = fit_head(head, tr_f, tr_y, n_train, args, ctx, ignore_index=IGNORE)
-    conf, shown, t0 = torch.zeros(num_classes, num_classes, dtype=torch.long), 0, time.time()
+    n_local = len(range(ctx.rank, len(test), ctx.world))  # --save-vis: K images spread over rank 0's shard
+    show = np.linspace(0, n_local - 1, args.save_vis).round().astype(int).tolist() if ctx.rank == 0 else []
+    conf, pos, t0 = torch.zeros(num_classes, num_classes, dtype=torch.long), 0, time.time()
     for x, y in eval_loader(test, args, ctx):  # the test split's one backbone pass (one per scale for ms)
         pred = predict_seg(net, head, x.to(ctx.device), args, ctx).argmax(1).cpu()  # (B, H, W)
         conf += confusion_matrix(pred, y, num_classes, IGNORE)
-        if ctx.rank == 0 and shown < args.save_vis:
-            shown += save_vis(x, y, pred, run_dir, shown, args.save_vis)
+        for b in range(len(x)):
+            if pos + b in show:
+                save_vis(x[b], y[b], pred[b], os.path.join(run_dir, "vis", f"{show.index(pos + b):03d}.png"))
+        pos += len(x)
     feature_seconds += time.time() - t0  # the test pass: backbone (per scale) and head
     conf = all_reduce_sum(conf, ctx)
     return segmentation_metrics(conf) | {"labelled_pixels": int(conf.sum())}, feature_seconds
@@ -1022,16 +1026,13 @@ def voc_palette():
     return pal
 
 
-def save_vis(x, y, pred, run_dir, start, limit):
-    """Figure 2: image | ground truth | prediction, side by side, VOC colours."""
-    os.makedirs(os.path.join(run_dir, "vis"), exist_ok=True)
+def save_vis(x, y, pred, path):
+    """Figure 2: image | ground truth | prediction, side by side, in the VOC palette (255 = ignore, cream)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
-    pal, n = voc_palette(), min(len(x), limit - start)
-    for b in range(n):
-        img = ((x[b].cpu().float() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-        row = np.concatenate([img, pal[y[b].numpy().astype(np.uint8)], pal[pred[b].numpy().astype(np.uint8)]], axis=1)
-        Image.fromarray(row).save(os.path.join(run_dir, "vis", f"{start + b:03d}.png"))
-    return n
+    img = ((x.cpu().float() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()  # (H, W, 3)
+    pal = voc_palette()
+    Image.fromarray(np.concatenate([img, pal[y.numpy().astype(np.uint8)], pal[pred.numpy().astype(np.uint8)]], axis=1)).save(path)
 
 
 # -----------------------------------------------------------------------------

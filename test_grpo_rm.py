@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -507,6 +506,9 @@ def test_smoke_seg(hub, vocfolder, tmp_path, monkeypatch, method, feature):
     run = tmp_path / f"seg-voc-{method}{'-eq4' if method == 'grpo' else ''}-{feature}-s0"
     pngs = sorted(os.listdir(run / "vis"))
     assert pngs == ["000.png", "001.png"] and Image.open(run / "vis" / pngs[0]).size == (48, 16)
+    # K = 2 of the 4 val images, spread out: the first (va0, label 1 on the right) and the last (va3, label 2)
+    truth = [np.array(Image.open(run / "vis" / p))[8, 28] for p in pngs]  # columns 16-31: the truth panel
+    assert truth[0].tolist() == G.voc_palette()[1].tolist() and truth[1].tolist() == G.voc_palette()[2].tolist()
     assert result["config"]["background_penalty"] is True and result["config"]["hidden"] == 64  # VOC defaults
 
 
