@@ -1245,14 +1245,17 @@ def paper_tables(groups):
 def bench_table(benches):
     """Table 5 from --bench results: cost per step of ce vs grpo, and the ratios."""
     out = ["### Table 5: cost per training step, ce vs grpo (--bench, synthetic data)", "",
-           "| Dataset | Model | Batch | Device | Method | ms/step | GFLOP/step | Peak memory GB | grpo/ce time | grpo/ce memory |",
+           "| Dataset | Model | Setting | Device | Method | ms/step | GFLOP/step | Peak memory GB | grpo/ce time | grpo/ce memory |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for b in benches:
         c, ce, g = b["config"], b["methods"]["ce"], b["methods"]["grpo"]
+        kw = {k: v for k, v in c.get("hub_kwargs", {}).items() if k != "pretrained"}
+        model = c["model"] + (f" ({', '.join(f'{k} {v}' for k, v in kw.items())})" if kw else "")
+        setting = f"{c['img_size']} px, batch {c['batch_size']}, {c['dtype'] or 'default dtype'}{', compile' if c['compile'] else ''}"
         for m, r in b["methods"].items():
             ratio = (f"x{g['ms_per_step'] / ce['ms_per_step']:.3f} | x{g['peak_memory_gb'] / ce['peak_memory_gb']:.3f}"
                      if m == "grpo" else " | ")
-            out.append(f"| {data_label(c)} | {c['model']} | {c['batch_size']} | {b['device']} | {m} | "
+            out.append(f"| {data_label(c)} | {model} | {setting} | {b['device']} | {m} | "
                        f"{r['ms_per_step']:.1f} | {r['flops_per_step'] / 1e9:.1f} | {r['peak_memory_gb']:.2f} | {ratio} |")
     return out + [""]
 
