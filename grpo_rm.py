@@ -396,7 +396,7 @@ DATASETS = {
 
 
 def labels_of(ds):
-    return getattr(ds, "targets", None) if hasattr(ds, "targets") else ds.labels  # STL10 calls them labels
+    return ds.targets if hasattr(ds, "targets") else ds.labels  # STL10 calls them labels
 
 
 def build_data(args, ctx):
@@ -404,16 +404,18 @@ def build_data(args, ctx):
     spec, root = DATASETS[args.dataset], args.data_dir
     if not os.path.isdir(root) and not spec.downloads:
         raise UserError(f"--data-dir {root}: no such directory")
-    if ctx.world > 1 and ctx.rank > 0:
-        dist.barrier()  # rank 0 first: it may download
-    if args.task == "cls" and args.preload:
-        train = train_eval = Preloaded.decode(spec.build(root, "train", v2.ToImage()), ctx.device, args.workers)
-        test = Preloaded.decode(spec.build(root, "test", v2.ToImage()), ctx.device, args.workers)
-    elif args.task == "cls":
-        train = spec.build(root, "train", cls_transform(args.img_size, True))
-        train_eval = spec.build(root, "train", cls_transform(args.img_size, False))
-        test = spec.build(root, "test", cls_transform(args.img_size, False))
+    if spec.downloads and ctx.world > 1:  # rank 0 downloads first; the others then read its files
+        if ctx.rank == 0:
+            spec.build(root, "train", None), spec.build(root, "test", None)
+        dist.barrier()
     if args.task == "cls":
+        if args.preload:  # decoded once; batches are resized on the device
+            train = train_eval = Preloaded.decode(spec.build(root, "train", v2.ToImage()), ctx.device, args.workers)
+            test = Preloaded.decode(spec.build(root, "test", v2.ToImage()), ctx.device, args.workers)
+        else:
+            train = spec.build(root, "train", cls_transform(args.img_size, True))
+            train_eval = spec.build(root, "train", cls_transform(args.img_size, False))
+            test = spec.build(root, "test", cls_transform(args.img_size, False))
         classes = getattr(train, "classes", None)
         if classes is not None and getattr(test, "classes", classes) != classes:
             raise UserError(f"--data-dir {root}: the test/val class folders differ from train/")
@@ -433,8 +435,6 @@ def build_data(args, ctx):
         train = spec.build(root, "train", seg_transform(args.img_size, True), num_classes)
         train_eval = spec.build(root, "train", seg_transform(args.img_size, False), num_classes)
         test = spec.build(root, "test", seg_transform(args.img_size, False), num_classes)
-    if ctx.world > 1 and ctx.rank == 0:
-        dist.barrier()
     if args.subset < 1.0:  # the paper's "10%" runs: a fixed random subset for post-training only
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
         keep = keep[:max(1, round(args.subset * len(train)))].tolist()
