@@ -395,6 +395,24 @@ def test_cocostuff_and_ade_tables():
     assert ade[0] == 255 and ade[1] == 0 and ade[150] == 149 and ade[151] == -1
 
 
+def test_ade20k_and_cocostuff_layouts(tmp_path):
+    rng = np.random.default_rng(2)
+    ade = tmp_path / "ade" / "ADEChallengeData2016"
+    coco = tmp_path / "coco"
+    for images, masks, raw in ((ade / "images" / "validation", ade / "annotations" / "validation", [0, 1, 150]),
+                               (coco / "images" / "val2017", coco / "stuffthingmaps" / "val2017", [0, 12, 181, 255])):
+        os.makedirs(images)
+        os.makedirs(masks)
+        _image(rng, 0, 8).save(images / "a.jpg")
+        Image.fromarray(np.resize(np.array(raw, np.uint8), (8, 8))).save(masks / "a.png")  # grey PNG
+    y_ade = G.DATASETS["ade20k"].build(str(tmp_path / "ade"), "test", G.seg_transform(8, False), 150)[0][1]
+    y_coco = G.DATASETS["cocostuff"].build(str(coco), "test", G.seg_transform(8, False), 171)[0][1]
+    # ADE20k: 0 -> ignore, 1 -> 0, 150 -> 149. COCO-stuff: 0 -> 0, 12 -> 11 (id 11 is unused), 181 -> 170.
+    assert y_ade[0, :3].tolist() == [255, 0, 149] and y_coco[0, :4].tolist() == [0, 11, 170, 255]
+    with pytest.raises(G.UserError, match="no images found"):
+        G.DATASETS["ade20k"].build(str(tmp_path / "ade"), "train", G.seg_transform(8, True), 150)
+
+
 # -----------------------------------------------------------------------------
 # Evaluation: kNN, confusion matrix, metrics
 
