@@ -272,6 +272,11 @@ class Preloaded:
             yield x, self.labels[idx.to(self.labels.device)]  # (b, 3, S, S) float32, (b,)
 
 
+def resize_labels(y, size):
+    """(B, H, W) label maps -> (B, size, size) by nearest neighbour (never blending two class ids)."""
+    return F.interpolate(y[:, None].float(), size=(size, size), mode="nearest")[:, 0].to(y.dtype)
+
+
 def lut(pairs, unlisted=-1):
     """A 256-entry table from the stored mask value to the class index (IGNORE, or -1 = invalid)."""
     t = np.full(256, unlisted, np.int16)
@@ -337,8 +342,9 @@ class SegFolder(Dataset):
         if raw.ndim != 2 or raw.dtype != np.uint8:
             raise UserError(f"{mask_path}: mask must be a single-channel 8-bit PNG")
         label = self.table[raw]  # (H, W) int16
-        if (label < 0).any() or ((label >= self.num_classes) & (label != IGNORE)).any():
-            bad = raw[(label < 0) | ((label >= self.num_classes) & (label != IGNORE))][0]
+        invalid = (label < 0) | ((label >= self.num_classes) & (label != IGNORE))
+        if invalid.any():
+            bad = raw[invalid][0]
             raise UserError(f"{mask_path}: label value {bad} is not a class in [0, {self.num_classes}) "
                             f"nor the ignore label {IGNORE} (check --num-classes)")
         mask = tv_tensors.Mask(torch.from_numpy(label.astype(np.uint8))[None])
@@ -693,7 +699,7 @@ def step_loss(args, model, old, x, y, num_classes):
     logits = model(x)  # (B, c) or (B, c, S, S)
     ignore = -100
     if args.task == "seg":
-        y = F.interpolate(y[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()  # (B, S, S)
+        y = resize_labels(y, logits.shape[-1])  # (B, S, S)
         logits, y, ignore = flat(logits), y.reshape(-1), IGNORE
     if args.method == "ce":
         return F.cross_entropy(logits.float(), y, ignore_index=ignore)
@@ -875,9 +881,7 @@ def extract(net, loader, ctx, label_size=None):
         with ctx.amp():
             f = net.features(x.to(ctx.device, non_blocking=True))  # (B, D) or (B, n·D, h, w)
         feats.append(f.to(ctx.amp_dtype).cpu())
-        if label_size is not None:
-            y = F.interpolate(y[:, None].float(), size=(label_size, label_size), mode="nearest")[:, 0].to(torch.uint8)
-        labels.append(y)
+        labels.append(resize_labels(y, label_size).to(torch.uint8) if label_size is not None else y)
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -977,18 +981,19 @@ def predict_seg(net, head, x, args, ctx):
     --ms-scales and horizontal flips, as DINOv2's multi-scale evaluation does."""
     H, W = x.shape[-2:]
     p = net.backbone.patch_size
-    scales = args.ms_scales if args.feature_type == "ms" else [1.0]
+    ms = args.feature_type == "ms"
+    scales, flips = (args.ms_scales, [False, True]) if ms else ([1.0], [False])
     probs = 0
     for s in scales:
         size = (max(p, round(H * s / p) * p), max(p, round(W * s / p) * p))
         xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False) if s != 1.0 else x
-        for flip in ([False, True] if args.feature_type == "ms" else [False]):
+        for flip in flips:
             xi = xs.flip(-1) if flip else xs
             with ctx.amp():
                 logits = head(net.features(xi), size=(round(args.seg_size * s),) * 2)  # (B, c, S·s, S·s)
             logits = F.interpolate(logits.float(), size=(H, W), mode="bilinear", align_corners=False)
             probs = probs + (logits.flip(-1) if flip else logits).softmax(1)
-    return probs / (len(scales) * (2 if args.feature_type == "ms" else 1))
+    return probs / (len(scales) * len(flips))
 
 
 def evaluate_seg(args, ctx, net, train_eval, test, num_classes, run_dir):
@@ -1289,8 +1294,10 @@ def fig2_grid(root, groups):
     """Figure 2: rows of image | truth | frozen | fine-tuning | GRPO-RM from the runs' --save-vis PNGs."""
     out = []
     for d in sorted({k[1] for k in groups if k[0] == "seg"}):
-        pngs = {m: sorted(glob.glob(os.path.join(groups[key][0]["dir"], "vis", "*.png"))) if key in groups else []
-                for m, key in ((m, ("seg", d, m, "eq4" if m == "grpo" else "", "linear", 1.0)) for m, _ in METHODS)}
+        pngs = {}
+        for m, _ in METHODS:  # the first seed's run of each method, linear features, full data
+            runs = groups.get(("seg", d, m, "eq4" if m == "grpo" else "", "linear", 1.0), [])
+            pngs[m] = sorted(glob.glob(os.path.join(runs[0]["dir"], "vis", "*.png"))) if runs else []
         n = min(len(p) for p in pngs.values())
         if not n:
             continue
@@ -1343,7 +1350,8 @@ def main(argv=None):
         return bench(args), None
     ctx = setup(args)
     try:
-        run_dir = os.path.join(args.out, run_name(args))
+        name = run_name(args)
+        run_dir = os.path.join(args.out, name)
         if ctx.rank == 0:
             try:
                 os.makedirs(run_dir, exist_ok=True)
@@ -1354,14 +1362,14 @@ def main(argv=None):
         num_classes, train_set, train_eval, test = build_data(args, ctx)
         net = build_model(args, num_classes, ctx)
         if ctx.rank == 0:
-            print(f"{run_name(args)}: {len(train_set)} train / {len(test)} test images, {num_classes} classes, "
+            print(f"{name}: {len(train_set)} train / {len(test)} test images, {num_classes} classes, "
                   f"{ctx.world} process(es) on {ctx.device.type}, {str(ctx.amp_dtype)[6:]}", flush=True)
         hist = {"train_loss": [], "sec_per_epoch": []}
         if args.method != "frozen" and args.epochs > 0:
             hist = train(args, ctx, net, train_set, num_classes, run_dir)
             if hist is None:
                 if ctx.rank == 0:
-                    print(f"stopped after epoch {args.stop_after_epoch or '?'}; rerun with --resume to go on", flush=True)
+                    print(f"stopped after epoch {args.stop_after_epoch}; rerun with --resume to go on", flush=True)
                 return None, net
         t0 = time.time()
         net.eval()
@@ -1380,7 +1388,7 @@ def main(argv=None):
             write_json_atomic(os.path.join(run_dir, "result.json"), result)  # only a finished run has one
             if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
                 os.remove(os.path.join(run_dir, "ckpt.pt"))  # finished: the resume state is no longer needed
-            print(f"{run_name(args)}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)),
+            print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)),
                   flush=True)
         return result, net
     finally:
