@@ -1,27 +1,32 @@
 """GRPO-RM: Fine-Tuning Representation Models via GRPO-Driven Reinforcement Learning.
 
-A single-file reference implementation of Xu, Jiao, Zhang & Li, arXiv 2511.15256.
-DINOv2 is post-trained for image classification or semantic segmentation with GRPO-RM
-(`--method grpo`) or with standard fine-tuning (`--method ce`), or left as it is
-(`--method frozen`); the post-trained backbone is then frozen and evaluated with a fresh head
-(softmax regression and kNN for classification; pixel accuracy, IoU and mIoU for segmentation).
+A single-file reference implementation of Xu, Jiao, Zhang & Li, arXiv 2511.15256. DINOv2 is
+post-trained for image classification or semantic segmentation with GRPO-RM (--method grpo) or
+with standard fine-tuning (--method ce), or left as it is (--method frozen); the post-trained
+backbone is then frozen and evaluated with a fresh head: softmax regression (SR) and kNN for
+classification, pixel accuracy / IoU / mIoU for segmentation.
 
-    python grpo_rm.py --dataset cifar10 --data-dir data/                        # one GPU or CPU
-    torchrun --nproc_per_node=4 grpo_rm.py --task seg --dataset voc --data-dir data/
+    python grpo_rm.py --dataset cifar10 --data-dir data/cifar10              # one GPU, or the CPU
+    torchrun --nproc_per_node=4 grpo_rm.py --task seg --dataset voc --data-dir data/voc
+    bash run_all.sh table3                                    # one table of the paper, resumable
+    python3 -m pytest -q                                      # the tests
 
-The file reads top to bottom: config, data, model (torch.hub DINOv2 + heads), the method
-(rewards, advantages, the clipped GRPO objective, θ_old), training (bf16, DDP), evaluation,
-benchmark, report, main. "Eq. (n)" cites the paper; "Open in the paper:" marks a point the paper
-leaves open and says what is done here.
+The file reads top to bottom: config, data, model (torch.hub DINOv2 and both heads), the method
+(rewards, advantages, the clipped objective, θ_old: one block that needs torch alone), training
+(bf16, DDP), evaluation on frozen features, main; then the tooling (benchmark, report, figures).
+"Eq. (n)" cites the paper; "Open in the paper:" marks a point it leaves open and says what is
+done here. README.md holds the measured results, each with the command that produced it.
 """
 import argparse
 import copy
+import datetime
+import functools
 import glob
 import json
 import math
 import os
 import re
-import resource
+import shutil
 import signal
 import sys
 import time
@@ -42,119 +47,131 @@ from torch.utils.data.distributed import DistributedSampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+# DINOv2 at the commit this file was tested with; torch.hub fetches that tree, not today's main.
+HUB_REPO = "facebookresearch/dinov2:b8931f7bf91576930313be2c6d6af376033b35f0"
+
 
 class UserError(Exception):
-    """Bad input. Printed as one line that names the flag or file, exit code 2, no traceback."""
+    """Bad input: printed as one line that names the flag or file, exit code 2, no traceback."""
 
 
-# -----------------------------------------------------------------------------
-# Config: every flag, with defaults that reproduce the paper (Section 4.2)
+# =============================================================================
+# Config: every flag; the defaults reproduce the paper (Section 4.2)
 
 def make_parser():
-    p = argparse.ArgumentParser(description="GRPO-RM / fine-tuning / frozen evaluation of DINOv2",
+    p = argparse.ArgumentParser(description="GRPO-RM, fine-tuning or frozen DINOv2, evaluated "
+                                "on frozen features",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--task", choices=["cls", "seg"], default=None, help="default: the dataset's task")
-    a("--dataset", choices=sorted(DATASETS), default=None)
-    a("--data-dir", default="data", help="dataset root (layouts in README)")
-    a("--num-classes", type=int, default=None, help="required for vocfolder; default: the dataset's")
-    a("--model", default="dinov2_vits14", help="torch.hub entry point: dinov2_vit{s,b,l,g}14[_reg]")
-    a("--hub-repo", default="facebookresearch/dinov2", help="GitHub owner/name, or a local directory")
-    a("--weights", default=None, help="local backbone state dict (offline use); strict load")
+    a, on_off = p.add_argument, argparse.BooleanOptionalAction
+    a("--task", choices=["cls", "seg"], help="default: the dataset's")
+    a("--dataset", choices=sorted(DATASETS))
+    a("--data-dir", default="data", help="dataset root (layouts in README.md)")
+    a("--num-classes", type=int, help="needed for vocfolder; default: the dataset's")
     a("--method", choices=["grpo", "ce", "frozen"], default="grpo")
+    a("--model", default="dinov2_vits14", help="hub entry point: dinov2_vit{s,b,l,g}14[_reg]")
+    a("--hub-repo", default=HUB_REPO, help="GitHub owner/name[:ref], or a local clone")
+    a("--hub-kwargs", default="{}", help='JSON arguments of the entry point: {"pretrained": false}')
+    a("--weights", help="local state dict of the backbone (offline use); strict load")
     a("--uniformity", choices=sorted(UNIFORMITY), default="eq4", help="Table 6 ablation")
     a("--clip-eps", type=float, default=0.2, help="ε of Eq. (1)")
+    a("--background-penalty", action=on_off, help="seg: r_0 -= c/2 after Eq. (6); default: voc")
     a("--epochs", type=int, default=100)
-    a("--eval-epochs", type=int, default=50, help="epochs of the head trained on frozen features")
-    a("--batch-size", type=int, default=None, help="global batch m; default 1024 (cls) / 256 (seg)")
-    a("--lr", type=float, default=None, help="start lr per 256 images; default 1e-3 (cls) / 1e-5 (seg); "
-                                              "cosine-decayed to lr/100")
-    a("--eval-lr", type=float, default=None, help="same rule for the evaluation head; default --lr")
-    a("--img-size", type=int, default=None, help="default 224 (cls) / 448 (seg); a multiple of the patch")
-    a("--seg-size", type=int, default=128, help="patch tokens are upsampled to this map size")
-    a("--hidden", type=int, default=None, help="head hidden width; default 256, 64 for voc")
-    a("--feature-type", choices=["linear", "ms"], default="linear", help="seg: last layer, or last 4 + "
-                                                                          "multi-scale test")
-    a("--ms-scales", default="1.0,1.32,1.73,2.28,3.0", help="test scales of --feature-type ms (DINOv2's)")
-    a("--background-penalty", action=argparse.BooleanOptionalAction, default=None,
-      help="seg: r_0 -= c/2 after Eq. (6); default on for voc only")
-    a("--subset", type=float, default=1.0, help="fraction of the training set used for post-training")
+    a("--batch-size", type=int, help="global batch m; default 1024 (cls), 256 (seg)")
+    a("--lr", type=float, help="lr per 256 images, cosine to lr/100; default 1e-3 cls, 1e-5 seg")
+    a("--subset", type=float, default=1.0, help="fraction of the training set post-trained on")
+    a("--augment", action=on_off, default=True, help="random crop and flip in training")
     a("--seed", type=int, default=0)
+    a("--img-size", type=int, help="default: native size rounded up to the patch; 224 / 448")
+    a("--seg-size", type=int, default=128, help="seg: patch tokens are upsampled to this size")
+    a("--hidden", type=int, help="hidden width of the heads; default 256, 64 for voc")
+    a("--eval-epochs", type=int, default=50, help="epochs of the head on frozen features")
+    a("--eval-lr", type=float, help="the same rule for the evaluation head; default --lr")
+    a("--feature-type", default="linear", help="seg evaluation: linear, ms or linear,ms")
+    a("--ms-scales", default="1.0,1.32,1.73,2.28,3.0", help="test scales of ms (DINOv2's)")
+    a("--eval-memory-gb", type=float, default=8.0, help="cached features above this go to disk")
+    a("--save-vis", type=int, default=0, metavar="K", help="seg: K image|truth|prediction PNGs")
+    a("--device", choices=["cuda", "cpu"], help="default: cuda when a GPU is visible")
+    a("--dtype", choices=["bf16", "fp32"], help="autocast dtype; default bf16 on GPU, else fp32")
+    a("--dist-backend", choices=["nccl", "gloo"], help="torchrun; default nccl on GPU, else gloo")
+    a("--compile", action="store_true", help="torch.compile the model and θ_old")
+    a("--no-sdpa", action="store_true", help="keep a hand-written attention as it is")
+    a("--preload", action=on_off, help="cls: decode once, resize on the device; default: small")
+    a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loaders per process")
     a("--out", default="runs", help="each run writes OUT/NAME/result.json")
-    a("--name", default=None, help="run name; default derived from the flags")
-    a("--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype; default bf16 on GPU, fp32 on CPU")
-    a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes per rank")
-    a("--log-every", type=int, default=10, help="print progress every N steps")
-    a("--save-vis", type=int, default=0, metavar="K", help="seg: write K image|truth|prediction PNGs")
-    a("--no-sdpa", action="store_true", help="keep DINOv2's hand-written attention")
-    a("--preload", action=argparse.BooleanOptionalAction, default=None,
-      help="cls: decode the dataset once, resize/normalise batches on the device; default on for "
-           "cifar10/cifar100/stl10/tinyimagenet")
-    a("--compile", action="store_true", help="torch.compile the model (and θ_old)")
-    a("--report", metavar="RUNS_DIR", help="aggregate RUNS_DIR/*/result.json into tables and figures, then exit")
-    a("--bench", action="store_true", help="time ce vs grpo on synthetic data of this shape (no training run)")
+    a("--name", help="run name; default: derived from the flags")
+    a("--resume", action="store_true", help="continue from OUT/NAME/ckpt.pt if there is one")
+    a("--stop-after-epoch", type=int, metavar="K", help="checkpoint after epoch K and stop")
+    a("--log-every", type=int, default=10, help="progress line every N steps")
+    a("--bench", action="store_true", help="time ce vs grpo on synthetic batches, then exit")
     a("--bench-steps", type=int, default=10)
     a("--bench-warmup", type=int, default=3)
-    a("--hub-kwargs", default="{}", help='JSON keyword arguments for the hub entry point, e.g. \'{"pretrained": false}\'')
-    a("--resume", action="store_true", help="continue from OUT/NAME/ckpt.pt if there is one")
-    a("--stop-after-epoch", type=int, default=None, metavar="K", help="checkpoint after epoch K and stop")
+    a("--report", metavar="RUNS_DIR", help="tables and figures from RUNS_DIR, then exit")
     return p
 
 
 def get_args(argv=None):
-    """Parse the flags, fill the task-dependent defaults, and check what can be checked before any work."""
+    """Parse the flags and fill the defaults that depend on the task (Section 4.2)."""
     args = make_parser().parse_args(argv)
     if args.report:
         return args
     if args.dataset is None:
         raise UserError(f"--dataset is required (one of: {', '.join(sorted(DATASETS))})")
     spec = DATASETS[args.dataset]
-    if args.task is not None and args.task != spec.task:
-        raise UserError(f"--dataset {args.dataset} is a {spec.task} dataset, but --task is {args.task}")
-    args.task = spec.task
-    seg = args.task == "seg"
+    if args.task not in (None, spec.task):
+        raise UserError(f"--task {args.task}: --dataset {args.dataset} is a {spec.task} dataset")
+    args.task, seg = spec.task, spec.task == "seg"
     args.batch_size = args.batch_size or (256 if seg else 1024)
     args.lr = args.lr if args.lr is not None else (1e-5 if seg else 1e-3)
     args.eval_lr = args.eval_lr if args.eval_lr is not None else args.lr
-    args.img_size = args.img_size or (448 if seg else 224)
     args.hidden = args.hidden or (64 if args.dataset == "voc" else 256)
     if args.background_penalty is None:
-        args.background_penalty = spec.background
+        args.background_penalty = "background" in spec.flags
     if args.preload is None:
-        args.preload = spec.small
-    if args.preload and seg:
+        args.preload = "small" in spec.flags
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Everything that can be checked before any work; parses the list-valued flags."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no GPU is visible")
+    if args.preload and args.task == "seg":
         raise UserError("--preload is for classification datasets")
     try:
-        args.ms_scales = [float(v) for v in args.ms_scales.split(",")]
-    except ValueError:
-        raise UserError(f"--ms-scales {args.ms_scales}: not a comma-separated list of numbers") from None
-    try:
+        args.ms_scales = [float(v) for v in str(args.ms_scales).split(",")]
         args.hub_kwargs = json.loads(args.hub_kwargs)
-    except ValueError:
-        args.hub_kwargs = None
+    except ValueError as e:
+        flag = "--hub-kwargs" if isinstance(e, json.JSONDecodeError) else "--ms-scales"
+        raise UserError(f"{flag}: cannot parse ({e})") from None
     if not isinstance(args.hub_kwargs, dict):
         raise UserError("--hub-kwargs: not a JSON object")
+    args.feature_type = str(args.feature_type).split(",")
+    if not set(args.feature_type) <= {"linear", "ms"}:
+        raise UserError(f"--feature-type {','.join(args.feature_type)}: linear, ms or linear,ms")
     if not 0.0 < args.subset <= 1.0:
         raise UserError(f"--subset must be in (0, 1], got {args.subset}")
     for flag in ("epochs", "eval_epochs", "batch_size", "img_size", "seg_size", "hidden"):
-        if getattr(args, flag) < (0 if flag == "epochs" else 1):
-            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    return args
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag == "epochs" else 1):
+            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {value}")
 
 
 def run_name(args):
     parts = [args.task, args.dataset, args.method]
     parts += [args.uniformity] if args.method == "grpo" else []
-    parts += [args.feature_type] if args.task == "seg" else []
     parts += [f"sub{args.subset:g}"] if args.subset < 1 else []
     return args.name or "-".join(parts + [f"s{args.seed}"])
 
 
-# -----------------------------------------------------------------------------
+# =============================================================================
 # Data: the real torchvision datasets and the real on-disk layouts of the paper's datasets
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, as DINOv2
-IGNORE = 255  # segmentation "no label" (VOC's 255; ADE20k's 0 is mapped to it)
+IGNORE = 255  # segmentation "no label" (VOC's 255; ADE20k's 0 and unused COCO ids map to it)
+BICUBIC = v2.InterpolationMode.BICUBIC
 
 
 def load_rgb(path):
@@ -165,25 +182,27 @@ def load_rgb(path):
         raise UserError(f"{path}: cannot read image ({e})") from None
 
 
-def cls_transform(img_size, train):
-    # Open in the paper: augmentation. Here the lightest standard one: resize the shorter side, crop
-    # (random in training, centre in evaluation; a no-op for square images), random flip.
-    crop = [v2.RandomCrop(img_size), v2.RandomHorizontalFlip()] if train else [v2.CenterCrop(img_size)]
-    return v2.Compose([v2.ToImage(), v2.Resize(img_size, interpolation=v2.InterpolationMode.BICUBIC),
-                       *crop, v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+def cls_transform(img_size, augment):
+    # Open in the paper: augmentation. Here the lightest standard one: resize the shorter side,
+    # crop (random when augmenting, else the centre; a no-op for square images), random flip.
+    crop = ([v2.RandomCrop(img_size), v2.RandomHorizontalFlip()] if augment
+            else [v2.CenterCrop(img_size)])
+    return v2.Compose([v2.ToImage(), v2.Resize(img_size, interpolation=BICUBIC), *crop,
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 
-def seg_transform(img_size, train):
-    # Open in the paper: augmentation. One random resized crop (scale 0.5-1) and flip, applied to image
-    # and mask alike (torchvision resizes a Mask with nearest neighbour).
+def seg_transform(img_size, augment):
+    # Open in the paper: augmentation. One random resized crop (scale 0.5-1) and flip, applied to
+    # image and mask alike (torchvision resizes a Mask with nearest neighbour).
     size = (img_size, img_size)
-    geo = [v2.RandomResizedCrop(size, scale=(0.5, 1.0)), v2.RandomHorizontalFlip()] if train else [v2.Resize(size)]
-    return v2.Compose([*geo, v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
-                       v2.Normalize(MEAN, STD)])
+    geo = ([v2.RandomResizedCrop(size, scale=(0.5, 1.0)), v2.RandomHorizontalFlip()] if augment
+           else [v2.Resize(size)])
+    dtypes = {tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}
+    return v2.Compose([*geo, v2.ToDtype(dtypes, scale=True), v2.Normalize(MEAN, STD)])
 
 
-def torchvision_set(cls, splits):
-    """CIFAR-10/100, STL-10: torchvision's own loaders; download when missing, a clear error offline."""
+def torchvision_set(cls, **splits):
+    """CIFAR-10/100, STL-10: torchvision's loaders; download when missing, one clear line offline."""
     def build(root, split, transform):
         kw = dict(splits[split], transform=transform)
         try:
@@ -193,24 +212,25 @@ def torchvision_set(cls, splits):
         try:
             return cls(root, download=True, **kw)
         except Exception as e:
-            raise UserError(f"--data-dir {root}: {cls.__name__} is not there and could not be downloaded "
-                            f"({type(e).__name__}); offline, copy torchvision's files there") from None
+            raise UserError(f"--data-dir {root}: {cls.__name__} is not there and could not be "
+                            f"downloaded ({type(e).__name__}); offline, copy its files there") from None
     return build
 
 
 def image_folder(root, split, transform):
-    """ImageNet (train/, val/) and any image folder (train/, test/ or val/, one folder per class)."""
+    """ImageNet (train/, val/) and any image folder (train/ and test/ or val/, a folder a class)."""
     for sub in (["train"] if split == "train" else ["test", "val"]):
         if os.path.isdir(os.path.join(root, sub)):
             try:
-                return torchvision.datasets.ImageFolder(os.path.join(root, sub), transform, loader=load_rgb)
+                return torchvision.datasets.ImageFolder(os.path.join(root, sub), transform,
+                                                        loader=load_rgb)
             except (FileNotFoundError, RuntimeError) as e:
                 raise UserError(f"--data-dir {root}: {e}") from None
-    raise UserError(f"--data-dir {root}: no {'train' if split == 'train' else 'test/ or val'}/ folder")
+    raise UserError(f"--data-dir {root}: no {'train/' if split == 'train' else 'test/ or val/'}")
 
 
 class TinyImageNet(Dataset):
-    """The official tiny-imagenet-200 layout: wnids.txt, train/<wnid>/images/*.JPEG,
+    """The official tiny-imagenet-200 layout: wnids.txt, train/<wnid>/images/*.JPEG, and
     val/images/*.JPEG labelled by val/val_annotations.txt (file, wnid, box)."""
 
     def __init__(self, root, split, transform):
@@ -218,12 +238,12 @@ class TinyImageNet(Dataset):
             self.classes = open(os.path.join(root, "wnids.txt")).read().split()
             index = {w: i for i, w in enumerate(self.classes)}
             if split == "train":
-                self.samples = [(f, index[w]) for w in self.classes
-                                for f in sorted(glob.glob(os.path.join(root, "train", w, "images", "*.JPEG")))]
+                self.samples = [(f, index[w]) for w in self.classes for f in sorted(
+                    glob.glob(os.path.join(root, "train", w, "images", "*.JPEG")))]
             else:
-                lines = open(os.path.join(root, "val", "val_annotations.txt")).read().splitlines()
+                rows = open(os.path.join(root, "val", "val_annotations.txt")).read().splitlines()
                 self.samples = [(os.path.join(root, "val", "images", f), index[w])
-                                for f, w in (ln.split("\t")[:2] for ln in lines if ln.strip())]
+                                for f, w in (r.split("\t")[:2] for r in rows if r.strip())]
         except (OSError, KeyError) as e:
             raise UserError(f"--data-dir {root}: not a tiny-imagenet-200 folder ({e})") from None
         self.targets, self.transform = [y for _, y in self.samples], transform
@@ -237,89 +257,103 @@ class TinyImageNet(Dataset):
 
 
 class Preloaded:
-    """--preload, for small datasets of one image size (CIFAR, STL-10, Tiny-ImageNet): decode every image
-    once into a uint8 tensor (N, 3, h, w) on the device, then resize, flip and normalise each batch there
-    (the ops of cls_transform, batched), instead of decoding and resizing on the CPU every epoch."""
+    """--preload, for small datasets of one image size (CIFAR, STL-10, Tiny-ImageNet): decode every
+    image once into a uint8 tensor on the device, then resize, flip and normalise each batch there
+    (the ops of cls_transform, batched) instead of decoding on the CPU every epoch."""
 
-    def __init__(self, images, targets, classes, device):
-        self.images, self.targets, self.classes = images, targets, classes  # (N, 3, h, w) uint8, list of int
-        self.labels = torch.tensor(targets, device=device)
+    def __init__(self, images, targets, classes):
+        self.images, self.targets, self.classes = images, targets, classes  # (N, 3, h, w) uint8
+        self.labels = torch.tensor(targets, device=images.device)  # (N,)
 
     @classmethod
     def decode(cls, ds, device, workers):
-        loader = DataLoader(ds, batch_size=256, num_workers=workers)  # ds has transform = v2.ToImage()
+        loader = DataLoader(ds, batch_size=256, num_workers=workers)  # ds yields v2.ToImage()
         try:
             images = torch.cat([x.to(device) for x, _ in loader])
         except RuntimeError as e:
-            raise UserError(f"--preload: the images differ in size ({str(e).splitlines()[0]}); use --no-preload") from None
-        return cls(images, list(labels_of(ds)), getattr(ds, "classes", None), device)
+            raise UserError(f"--preload: the images differ in size ({str(e).splitlines()[0]}); "
+                            "use --no-preload") from None
+        return cls(images, list(labels_of(ds)), getattr(ds, "classes", None))
 
     def select(self, keep):
-        return Preloaded(self.images[keep], [self.targets[i] for i in keep], self.classes, self.labels.device)
+        return Preloaded(self.images[keep], [self.targets[i] for i in keep], self.classes)
 
     def __len__(self):
         return len(self.images)
 
-    def batches(self, indices, batch_size, train, img_size):
+    def batches(self, indices, batch_size, augment, img_size):
         for idx in torch.as_tensor(indices, dtype=torch.long).split(batch_size):
-            x = self.images[idx.to(self.images.device)]  # (b, 3, h, w) uint8
-            x = v2.functional.resize(x, img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
-            x = v2.functional.center_crop(x, img_size)  # square images: a no-op, as RandomCrop is
-            if train:
+            idx = idx.to(self.images.device)
+            x = v2.functional.resize(self.images[idx], img_size, interpolation=BICUBIC,
+                                     antialias=True)  # (b, 3, S, S) uint8
+            x = v2.functional.center_crop(x, img_size)  # square images: a no-op, as RandomCrop
+            if augment:
                 flip = torch.rand(len(x), device=x.device) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            x = v2.functional.normalize(v2.functional.to_dtype(x, torch.float32, scale=True), MEAN, STD)
-            yield x, self.labels[idx.to(self.labels.device)]  # (b, 3, S, S) float32, (b,)
+            x = v2.functional.to_dtype(x, torch.float32, scale=True)
+            yield v2.functional.normalize(x, MEAN, STD), self.labels[idx]  # (b, 3, S, S), (b,)
 
 
 def resize_labels(y, size):
-    """(B, H, W) label maps -> (B, size, size) by nearest neighbour (never blending two class ids)."""
+    """(B, H, W) label maps -> (B, size, size) by nearest neighbour: never blends two class ids."""
     return F.interpolate(y[:, None].float(), size=(size, size), mode="nearest")[:, 0].to(y.dtype)
 
 
 def lut(pairs, unlisted=-1):
-    """A 256-entry table from the stored mask value to the class index (IGNORE, or -1 = invalid)."""
+    """A 256-entry table from the stored mask value to the class (IGNORE, or -1 = invalid)."""
     t = np.full(256, unlisted, np.int16)
     for raw, cls in pairs:
         t[raw] = cls
     return t
 
 
-# COCO-stuff-164k stuffthingmaps store the 182 COCO ids minus one; 11 thing ids are unused -> 171 classes.
-COCO_UNUSED = {11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90}
-COCO_IDS = [i for i in range(182) if i not in COCO_UNUSED]
+def identity_table(c):  # VOC: the stored values are the classes, 255 = ignore
+    return lut([(i, i) for i in range(c)] + [(IGNORE, IGNORE)])
+
+
+def ade_table(c):  # ADE20k: 0 = "other" (ignored), 1..150 -> 0..149
+    return lut([(0, IGNORE)] + [(i + 1, i) for i in range(150)])
+
+
+# COCO-stuff-164k stuffthingmaps store the 182 COCO ids minus one; 11 thing ids are unused.
+COCO_IDS = [i for i in range(182) if i not in {11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90}]
+
+
+def coco_table(c):  # COCO-stuff: the 182 stored ids -> 171 classes; unused ids are ignored
+    return lut([(r, i) for i, r in enumerate(COCO_IDS)] + [(IGNORE, IGNORE)], unlisted=IGNORE)
 
 
 def voc_pairs(root, split):
-    base = next((b for b in (os.path.join(root, "VOCdevkit", "VOC2012"), os.path.join(root, "VOC2012"), root)
-                 if os.path.isdir(os.path.join(b, "ImageSets", "Segmentation"))), None)
+    bases = [os.path.join(root, "VOCdevkit", "VOC2012"), os.path.join(root, "VOC2012"), root]
+    base = next((b for b in bases if os.path.isdir(os.path.join(b, "ImageSets", "Segmentation"))),
+                None)
     if base is None:
         raise UserError(f"--data-dir {root}: no VOCdevkit/VOC2012/ImageSets/Segmentation folder")
-    list_file = os.path.join(base, "ImageSets", "Segmentation", "train.txt" if split == "train" else "val.txt")
-    ids = open(list_file).read().split() if os.path.isfile(list_file) else []
-    return [(os.path.join(base, "JPEGImages", i + ".jpg"), os.path.join(base, "SegmentationClass", i + ".png"))
-            for i in ids], list_file
+    lst = os.path.join(base, "ImageSets", "Segmentation", f"{'train' if split == 'train' else 'val'}.txt")
+    ids = open(lst).read().split() if os.path.isfile(lst) else []
+    return [(os.path.join(base, "JPEGImages", i + ".jpg"),
+             os.path.join(base, "SegmentationClass", i + ".png")) for i in ids], lst
 
 
-def folder_pairs(image_dirs, mask_dirs):
-    """Images *.jpg in the first existing image dir, masks <stem>.png in the matching mask dir."""
-    for im_dir, mk_dir in zip(image_dirs, mask_dirs):
+def folder_pairs(image_dirs, mask_dir):
+    """*.jpg in the first image dir that exists, each with its mask <stem>.png in mask_dir."""
+    for im_dir in image_dirs:
         if os.path.isdir(im_dir):
             ims = sorted(glob.glob(os.path.join(im_dir, "*.jpg")))
-            return [(f, os.path.join(mk_dir, os.path.basename(f)[:-4] + ".png")) for f in ims], im_dir
+            return [(f, os.path.join(mask_dir, os.path.basename(f)[:-4] + ".png")) for f in ims], im_dir
     return [], image_dirs[0]
 
 
 def ade_pairs(root, split):
-    base = os.path.join(root, "ADEChallengeData2016") if os.path.isdir(os.path.join(root, "ADEChallengeData2016")) else root
-    d = "training" if split == "train" else "validation"
-    return folder_pairs([os.path.join(base, "images", d)], [os.path.join(base, "annotations", d)])
+    nested = os.path.join(root, "ADEChallengeData2016")
+    base, d = nested if os.path.isdir(nested) else root, "training" if split == "train" else "validation"
+    return folder_pairs([os.path.join(base, "images", d)], os.path.join(base, "annotations", d))
 
 
 def coco_pairs(root, split):
     d = "train2017" if split == "train" else "val2017"
     return folder_pairs([os.path.join(root, "images", d), os.path.join(root, d)],
-                        [os.path.join(root, "stuffthingmaps", d)] * 2)
+                        os.path.join(root, "stuffthingmaps", d))
 
 
 class SegFolder(Dataset):
@@ -342,13 +376,12 @@ class SegFolder(Dataset):
         if raw.ndim != 2 or raw.dtype != np.uint8:
             raise UserError(f"{mask_path}: mask must be a single-channel 8-bit PNG")
         label = self.table[raw]  # (H, W) int16
-        invalid = (label < 0) | ((label >= self.num_classes) & (label != IGNORE))
-        if invalid.any():
-            bad = raw[invalid][0]
-            raise UserError(f"{mask_path}: label value {bad} is not a class in [0, {self.num_classes}) "
-                            f"nor the ignore label {IGNORE} (check --num-classes)")
+        bad = (label < 0) | ((label >= self.num_classes) & (label != IGNORE))
+        if bad.any():
+            raise UserError(f"{mask_path}: label value {raw[bad][0]} is not a class in [0, "
+                            f"{self.num_classes}) nor {IGNORE} (check --num-classes)")
         mask = tv_tensors.Mask(torch.from_numpy(label.astype(np.uint8))[None])
-        img, mask = self.transform(img, mask)
+        img, mask = self.transform(img, mask)  # one draw of crop and flip for both
         return img, mask[0]
 
 
@@ -357,47 +390,38 @@ def seg_set(find_pairs, table):
         pairs, where = find_pairs(root, split)
         if not pairs:
             raise UserError(f"--data-dir {root}: no images found ({where})")
-        for files in pairs:
-            for f in files:
-                if not os.path.isfile(f):
-                    raise UserError(f"{f}: file missing")
+        missing = next((f for pair in pairs for f in pair if not os.path.isfile(f)), None)
+        if missing:
+            raise UserError(f"{missing}: file missing")
         return SegFolder(pairs, table(num_classes), num_classes, transform)
     return build
 
 
 @dataclass(frozen=True)
-class DatasetSpec:
-    task: str                 # "cls" or "seg"
-    build: Callable           # cls: (root, split, transform); seg: (root, split, transform, num_classes)
-    num_classes: int = 0      # 0: read from the data (cls) or from --num-classes (vocfolder)
-    background: bool = False  # class 0 is "background": the segmentation penalty is on by default
-    downloads: bool = False   # torchvision can download it into --data-dir
-    small: bool = False       # one image size, fits in memory: --preload by default
+class Spec:
+    task: str            # "cls" or "seg"
+    build: Callable      # (root, split, transform[, num_classes]) -> dataset
+    classes: int = 0     # the paper's class count (0: read from the data, or --num-classes)
+    native: int = 0      # image side in pixels (0: unknown, then 224 for cls and 448 for seg)
+    images: int = 0      # the paper's training-set size (its Table 1), for Table 5's s/epoch
+    flags: str = ""      # "download": torchvision fetches it; "small": --preload by default;
+                         # "background": class 0 is background, the segmentation penalty is on
 
 
-def identity_table(c):  # VOC: values are classes, 255 = ignore
-    return lut([(i, i) for i in range(c)] + [(IGNORE, IGNORE)])
-
-
-def ade_table(c):  # ADE20k: 0 = "other" (ignored), 1..150 -> 0..149
-    return lut([(0, IGNORE)] + [(i + 1, i) for i in range(150)])
-
-
-def coco_table(c):  # COCO-stuff: the 182 stored ids -> 171 contiguous classes; unused ids are ignored
-    return lut([(r, i) for i, r in enumerate(COCO_IDS)] + [(IGNORE, IGNORE)], unlisted=IGNORE)
-
-
-DATASETS = {
-    "cifar10": DatasetSpec("cls", torchvision_set(torchvision.datasets.CIFAR10, {"train": {"train": True}, "test": {"train": False}}), downloads=True, small=True),
-    "cifar100": DatasetSpec("cls", torchvision_set(torchvision.datasets.CIFAR100, {"train": {"train": True}, "test": {"train": False}}), downloads=True, small=True),
-    "stl10": DatasetSpec("cls", torchvision_set(torchvision.datasets.STL10, {"train": {"split": "train"}, "test": {"split": "test"}}), downloads=True, small=True),
-    "tinyimagenet": DatasetSpec("cls", TinyImageNet, small=True),
-    "imagenet": DatasetSpec("cls", image_folder),
-    "imagefolder": DatasetSpec("cls", image_folder),
-    "voc": DatasetSpec("seg", seg_set(voc_pairs, identity_table), 21, background=True),
-    "ade20k": DatasetSpec("seg", seg_set(ade_pairs, ade_table), 150),
-    "cocostuff": DatasetSpec("seg", seg_set(coco_pairs, coco_table), 171),
-    "vocfolder": DatasetSpec("seg", seg_set(voc_pairs, identity_table)),  # any VOC-layout set, --num-classes N
+CIFAR = dict(train={"train": True}, test={"train": False})
+STL = dict(train={"split": "train"}, test={"split": "test"})
+TV = torchvision.datasets
+DATASETS = {  # name: Spec(task, build, classes, native px, training images, flags)
+    "cifar10": Spec("cls", torchvision_set(TV.CIFAR10, **CIFAR), 10, 32, 50_000, "download small"),
+    "cifar100": Spec("cls", torchvision_set(TV.CIFAR100, **CIFAR), 100, 32, 50_000, "download small"),
+    "stl10": Spec("cls", torchvision_set(TV.STL10, **STL), 10, 96, 5_000, "download small"),
+    "tinyimagenet": Spec("cls", TinyImageNet, 200, 64, 100_000, "small"),
+    "imagenet": Spec("cls", image_folder, 1000, 0, 1_281_167),
+    "imagefolder": Spec("cls", image_folder),  # any image folder; classes from its folders
+    "voc": Spec("seg", seg_set(voc_pairs, identity_table), 21, 0, 1_464, "background"),
+    "ade20k": Spec("seg", seg_set(ade_pairs, ade_table), 150, 0, 20_210),
+    "cocostuff": Spec("seg", seg_set(coco_pairs, coco_table), 171, 0, 118_287),
+    "vocfolder": Spec("seg", seg_set(voc_pairs, identity_table)),  # any VOC layout, --num-classes
 }
 
 
@@ -405,242 +429,330 @@ def labels_of(ds):
     return ds.targets if hasattr(ds, "targets") else ds.labels  # STL10 calls them labels
 
 
+def default_img_size(spec, patch):
+    """The paper's input sizes, read from its Table 5 (README): a classification image at its
+    native size rounded up to a multiple of the patch (CIFAR 42, STL-10 98, Tiny-ImageNet 70 for
+    patch 14); ImageNet and unknown folders 224; segmentation 448."""
+    if spec.native:
+        return math.ceil(spec.native / patch) * patch
+    return 448 if spec.task == "seg" else 224
+
+
 def build_data(args, ctx):
-    """-> (num_classes, train set for post-training, train and test sets for evaluation)."""
+    """-> (num_classes, the post-training set, the train and test sets of the evaluation)."""
     spec, root = DATASETS[args.dataset], args.data_dir
-    if not os.path.isdir(root) and not spec.downloads:
+    if not os.path.isdir(root) and "download" not in spec.flags:
         raise UserError(f"--data-dir {root}: no such directory")
-    if spec.downloads and ctx.world > 1:  # rank 0 downloads first; the others then read its files
-        if ctx.rank == 0:
-            spec.build(root, "train", None), spec.build(root, "test", None)
-        dist.barrier()
+    if "download" in spec.flags:  # rank 0 downloads, the others then find its files
+        rank0_first(ctx, lambda: [spec.build(root, s, None) for s in ("train", "test")])
     if args.task == "cls":
-        if args.preload:  # decoded once; batches are resized on the device
-            train = train_eval = Preloaded.decode(spec.build(root, "train", v2.ToImage()), ctx.device, args.workers)
-            test = Preloaded.decode(spec.build(root, "test", v2.ToImage()), ctx.device, args.workers)
-        else:
-            train = spec.build(root, "train", cls_transform(args.img_size, True))
-            train_eval = spec.build(root, "train", cls_transform(args.img_size, False))
-            test = spec.build(root, "test", cls_transform(args.img_size, False))
-        classes = getattr(train, "classes", None)
-        if classes is not None and getattr(test, "classes", classes) != classes:
-            raise UserError(f"--data-dir {root}: the test/val class folders differ from train/")
-        num_classes = args.num_classes or (len(classes) if classes else int(max(labels_of(train))) + 1)
-        for ds in (train, test):
-            if len(ds) == 0:
-                raise UserError(f"--data-dir {root}: a split has no images")
-            top = int(max(labels_of(ds)))
-            if top >= num_classes:
-                raise UserError(f"--num-classes {num_classes}: --data-dir {root} has label {top}")
+        num_classes, train, train_eval, test = cls_sets(args, spec, ctx.device)
     else:
-        num_classes = args.num_classes or spec.num_classes
+        num_classes = args.num_classes or spec.classes
         if not num_classes:
             raise UserError(f"--dataset {args.dataset} needs --num-classes")
         if num_classes > IGNORE:
             raise UserError(f"--num-classes {num_classes}: at most {IGNORE} segmentation classes")
-        train = spec.build(root, "train", seg_transform(args.img_size, True), num_classes)
+        train = spec.build(root, "train", seg_transform(args.img_size, args.augment), num_classes)
         train_eval = spec.build(root, "train", seg_transform(args.img_size, False), num_classes)
         test = spec.build(root, "test", seg_transform(args.img_size, False), num_classes)
-    if args.subset < 1.0:  # the paper's "10%" runs: a fixed random subset for post-training only
+    if args.subset < 1.0:  # the paper's "10%" rows: a fixed random subset, for post-training only
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
         keep = keep[:max(1, round(args.subset * len(train)))].tolist()
         train = train.select(keep) if isinstance(train, Preloaded) else Subset(train, keep)
     return num_classes, train, train_eval, test
 
 
-def epoch_loader(ds, sampler, epoch, skip_batches, args, ctx):
-    # The same shuffle on every rank (seed, epoch), each rank its share; the global batch is m. A run
-    # resumed inside an epoch skips the batches that epoch had already done.
+def cls_sets(args, spec, device):
+    root = args.data_dir
+    if args.preload:  # decoded once; each batch is resized on the device
+        train = train_eval = Preloaded.decode(spec.build(root, "train", v2.ToImage()), device,
+                                              args.workers)
+        test = Preloaded.decode(spec.build(root, "test", v2.ToImage()), device, args.workers)
+    else:
+        train = spec.build(root, "train", cls_transform(args.img_size, args.augment))
+        train_eval = spec.build(root, "train", cls_transform(args.img_size, False))
+        test = spec.build(root, "test", cls_transform(args.img_size, False))
+    classes = getattr(train, "classes", None)
+    if classes is not None and getattr(test, "classes", classes) != classes:
+        raise UserError(f"--data-dir {root}: the test/val class folders differ from train/")
+    num_classes = args.num_classes or (len(classes) if classes else max(labels_of(train)) + 1)
+    for ds in (train, test):
+        if len(ds) == 0:
+            raise UserError(f"--data-dir {root}: a split has no images")
+        if max(labels_of(ds)) >= num_classes:
+            raise UserError(f"--num-classes {num_classes}: --data-dir {root} has label "
+                            f"{max(labels_of(ds))}")
+    return num_classes, train, train_eval, test
+
+
+def epoch_batches(ds, sampler, epoch, skip, local_bs, args, ctx):
+    """This rank's batches of one epoch: the same shuffle on every rank (seed, epoch), each rank its
+    share, so the global batch is m. A run resumed inside an epoch skips the batches it did."""
     sampler.set_epoch(epoch)
-    order = list(sampler)[skip_batches * (args.batch_size // ctx.world):]
+    order = list(sampler)[skip * local_bs:]
     if isinstance(ds, Preloaded):
-        return ds.batches(order, args.batch_size // ctx.world, True, args.img_size)
-    return DataLoader(ds, batch_size=args.batch_size // ctx.world, sampler=order, num_workers=args.workers,
+        return ds.batches(order, local_bs, args.augment, args.img_size)
+    return DataLoader(ds, batch_size=local_bs, sampler=order, num_workers=args.workers,
                       pin_memory=ctx.device.type == "cuda")
 
 
-def eval_loader(ds, args, ctx):
+def eval_batches(ds, local_bs, args, ctx):
+    """This rank's shard of an evaluation split (samples rank, rank + world, ...; no padding, so
+    every image counts once) -> (batches, shard size)."""
+    shard = range(ctx.rank, len(ds), ctx.world)
     if isinstance(ds, Preloaded):
-        return ds.batches(range(ctx.rank, len(ds), ctx.world), args.batch_size // ctx.world, False, args.img_size)
-    shard = Subset(ds, range(ctx.rank, len(ds), ctx.world))  # no padding: every image counted once
-    return DataLoader(shard, batch_size=args.batch_size // ctx.world, num_workers=args.workers,
-                      pin_memory=ctx.device.type == "cuda")
+        return ds.batches(shard, local_bs, False, args.img_size), len(shard)
+    loader = DataLoader(Subset(ds, shard), batch_size=local_bs, num_workers=args.workers,
+                        pin_memory=ctx.device.type == "cuda")
+    return loader, len(shard)
 
 
-# -----------------------------------------------------------------------------
+# =============================================================================
 # Model: DINOv2 from torch.hub, the classification head and the segmentation head
 
-def load_backbone(hub_repo, name, weights=None, **kwargs):
-    """torch.hub.load of DINOv2: a GitHub repository (online) or a local clone (source='local').
-    With --weights the hub's own download is skipped and the file is loaded strictly."""
+def load_backbone(hub_repo, name, weights=None, hub_kwargs=None):
+    """torch.hub.load of DINOv2 from GitHub (owner/name[:ref]) or a local clone (source="local").
+    With --weights the hub's download is skipped and the file is loaded strictly."""
     local = os.path.isdir(hub_repo)
     if local and not os.path.isfile(os.path.join(hub_repo, "hubconf.py")):
         raise UserError(f"--hub-repo {hub_repo}: no hubconf.py in that directory")
     if not local and not re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w./-]+)?", hub_repo):
         raise UserError(f"--hub-repo {hub_repo}: no such directory, and not a GitHub owner/name")
-    source = "local" if local else "github"
-    offline_hint = ("to run offline: git clone https://github.com/facebookresearch/dinov2 and pass "
-                    "--hub-repo DIR --weights dinov2_vits14_pretrain.pth")
+    kwargs = {**(hub_kwargs or {}), **({"pretrained": False} if weights else {})}
+    # torch.hub accepts a commit only if it heads a branch or tag unless validation is skipped;
+    # the pin names the official repository, so there is no fork to guard against.
+    pinned = re.search(r":[0-9a-f]{40}$", hub_repo) is not None
+    hint = ("offline: git clone https://github.com/facebookresearch/dinov2, then --hub-repo DIR "
+            "--weights dinov2_vits14_pretrain.pth")
     try:
-        model = torch.hub.load(hub_repo, name, source=source, trust_repo=True,
-                               **({"pretrained": False} if weights else {}), **kwargs)
-    except RuntimeError as e:
+        model = torch.hub.load(hub_repo, name, source="local" if local else "github",
+                               trust_repo=True, skip_validation=pinned, **kwargs)
+    except Exception as e:
         if "Cannot find callable" in str(e):
             raise UserError(f"--model {name}: no such entry point in --hub-repo {hub_repo} "
-                            f"(DINOv2 has dinov2_vit{{s,b,l,g}}14 and their _reg variants)") from None
-        raise UserError(f"--model {name}: loading failed ({type(e).__name__}: {e}); {offline_hint}") from None
-    except Exception as e:
-        raise UserError(f"--hub-repo {hub_repo} --model {name}: loading failed ({type(e).__name__}: {e}); "
-                        f"{offline_hint}") from None
+                            "(DINOv2 has dinov2_vit{s,b,l,g}14 and their _reg variants)") from None
+        raise UserError(f"--hub-repo {hub_repo} --model {name}: loading failed "
+                        f"({type(e).__name__}: {e}); {hint}") from None
     if weights:
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"--weights {weights}: cannot read ({type(e).__name__})") from None
-        own = model.state_dict()
-        bad = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]
-        if bad:
-            raise UserError(f"--weights {weights} does not fit --model {name}: {len(bad)} mismatching keys, "
-                            f"e.g. {', '.join(bad[:4])}")
-        model.load_state_dict(state, strict=True)
+        load_weights(model, weights, name)
     return model
 
 
+def load_weights(model, path, name):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"--weights {path}: cannot read ({type(e).__name__})") from None
+    own = model.state_dict()
+    bad = sorted(set(own) ^ set(state)) + [k for k in own if k in state
+                                           and own[k].shape != state[k].shape]
+    if bad:
+        raise UserError(f"--weights {path} does not fit --model {name}: {len(bad)} mismatching "
+                        f"keys, e.g. {', '.join(bad[:4])}")
+    model.load_state_dict(state, strict=True)
+
+
 def sdpa_attention(self, x, attn_bias=None):
-    """DINOv2's Attention.forward (dinov2/layers/attention.py), with softmax(q kᵀ · scale) v computed by
-    F.scaled_dot_product_attention (flash / memory-efficient kernels) instead of by hand."""
+    """The forward of DINOv2's Attention before 2025 (softmax(q kᵀ · scale) v written out), with
+    the product computed by F.scaled_dot_product_attention (flash / memory-efficient kernels)."""
     B, N, C = x.shape
-    q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
-    drop = self.attn_drop.p if self.training and hasattr(self, "attn_drop") else 0.0
-    x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=drop, scale=self.scale)
-    x = self.proj(x.transpose(1, 2).reshape(B, N, C))
-    return self.proj_drop(x) if hasattr(self, "proj_drop") else x
+    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 × (B, heads, N, C / heads)
+    drop = self.attn_drop.p if self.training else 0.0
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=drop,
+                                       scale=self.scale)
+    return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
 
 def use_sdpa(backbone):
+    """Route hand-written attention through SDPA. DINOv2 before 2025 (and the timm style) keeps an
+    nn.Dropout in attn_drop and multiplies q kᵀ by hand; today's DINOv2 stores a float there and
+    calls SDPA itself, so it is left as it is. Returns the number of modules patched."""
     n = 0
     for m in backbone.modules():
-        if type(m).__name__ in ("Attention", "MemEffAttention") and all(hasattr(m, a) for a in ("qkv", "proj", "scale")):
+        if isinstance(getattr(m, "attn_drop", None), nn.Dropout) and hasattr(m, "qkv"):
             m.forward, n = types.MethodType(sdpa_attention, m), n + 1
     return n
 
 
 def mlp_head(in_dim, hidden, num_classes):
-    """The paper's classification head: a two-layer fully connected network on the class token.
+    """The classification head: two fully connected layers on the class token.
     Open in the paper: the activation (ReLU here)."""
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
 
 class SegHead(nn.Module):
-    """Patch tokens (B, D, h, w) → bilinear upsampling to size × size (Section 4.2: 32×32 → 128×128)
-    → a two-layer per-pixel projection (1×1 convolutions) → logits (B, c, size, size)."""
+    """Patch tokens (B, D, h, w) -> bilinear upsampling to size × size (32×32 -> 128×128, Section
+    4.2) -> a two-layer per-pixel projection (1×1 convolutions) -> logits (B, c, size, size)."""
 
     def __init__(self, in_dim, hidden, num_classes, size):
         super().__init__()
         self.size = size
-        self.mlp = nn.Sequential(nn.Conv2d(in_dim, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, num_classes, 1))
+        self.mlp = nn.Sequential(nn.Conv2d(in_dim, hidden, 1), nn.ReLU(),
+                                 nn.Conv2d(hidden, num_classes, 1))
 
     def forward(self, tokens, size=None):
-        # The first 1×1 layer is linear and bilinear upsampling is linear with weights summing to 1, so the
-        # two commute: projecting at token resolution (32×32) first is the same function as the paper's
-        # upsample-then-project, at 1/16 of the cost and memory. The ReLU comes after the upsampling.
+        # The first 1×1 layer is linear and bilinear upsampling is linear with weights summing to
+        # 1, so the two commute: projecting at token resolution first is the same function as the
+        # paper's upsample-then-project at 1/16 of the cost. The ReLU comes after the upsampling.
         x = self.mlp[0](tokens)  # (B, hidden, h, w)
-        x = F.interpolate(x, size=size or (self.size, self.size), mode="bilinear", align_corners=False)
+        x = F.interpolate(x, size=size or (self.size, self.size), mode="bilinear",
+                          align_corners=False)
         return self.mlp[1:](x)  # (B, c, S, S)
 
 
 class Net(nn.Module):
     """The post-trained model π_θ: backbone + task head. features() is what evaluation freezes."""
 
-    def __init__(self, backbone, head, task, n_layers=1):
+    def __init__(self, backbone, head, task):
         super().__init__()
-        self.backbone, self.head, self.task, self.n_layers = backbone, head, task, n_layers
+        self.backbone, self.head, self.task = backbone, head, task
 
-    def features(self, x):  # (B, 3, H, W)
+    def features(self, x, n_layers=1):  # x (B, 3, H, W)
         if self.task == "cls":
             return self.backbone.forward_features(x)["x_norm_clstoken"]  # (B, D)
-        layers = self.backbone.get_intermediate_layers(x, n=self.n_layers, reshape=True)  # n × (B, D, h, w)
-        return torch.cat(layers, dim=1)  # (B, n·D, h, w): "linear" n = 1, "multi-scale" n = 4
+        layers = self.backbone.get_intermediate_layers(x, n=n_layers, reshape=True)
+        return torch.cat(layers, dim=1)  # (B, n·D, h, w): the last n layers, the last one last
 
     def forward(self, x):
         return self.head(self.features(x))  # (B, c) or (B, c, S, S)
 
 
-def build_model(args, num_classes, ctx):
-    backbone = load_backbone(args.hub_repo, args.model, args.weights, **args.hub_kwargs)
-    if not args.no_sdpa:
+def prepare_backbone(backbone, sdpa):
+    if sdpa:
         use_sdpa(backbone)
-    if hasattr(backbone, "mask_token"):  # used only by DINOv2's masked pre-training, never in forward
+    if hasattr(backbone, "mask_token"):  # used by DINOv2's masked pre-training only, never here
         backbone.mask_token.requires_grad_(False)
-    if args.img_size % backbone.patch_size:
-        raise UserError(f"--img-size {args.img_size} is not a multiple of the patch size {backbone.patch_size}")
+    return backbone
+
+
+def build_net(backbone, args, num_classes, device):
     torch.manual_seed(args.seed)  # the same head on every rank
-    n_layers = 4 if args.task == "seg" and args.feature_type == "ms" else 1
-    dim = backbone.embed_dim * n_layers
-    head = (mlp_head(dim, args.hidden, num_classes) if args.task == "cls"
-            else SegHead(dim, args.hidden, num_classes, args.seg_size))
-    return Net(backbone, head, args.task, n_layers).to(ctx.device)
+    D = backbone.embed_dim
+    head = (mlp_head(D, args.hidden, num_classes) if args.task == "cls"
+            else SegHead(D, args.hidden, num_classes, args.seg_size))
+    return Net(backbone, head, args.task).to(device)
 
 
-# -----------------------------------------------------------------------------
-# The method: rewards (Eqs. 3-6), advantages (Eq. 2), the clipped objective (Eq. 1, β = 0), θ_old
+# =============================================================================
+# The method: rewards (Eqs. 3-6), advantages (Eq. 2), the clipped objective (Eq. 1, β = 0), θ_old.
+# This block needs torch alone (import copy, torch, torch.nn.functional as F) and can be copied.
 
-def uniformity_eq4(p, labels):
-    return -p  # Eq. (4): r_uni_i = -p_i (the GRPO-RM default)
-
-
-def uniformity_eq5(p, labels):
-    c = p.shape[1]
-    p_k = p.gather(1, labels[:, None])  # (N, 1) old probability of the true class
-    r = (1 - p_k) / (c - 1) - p  # Eq. (5), i ≠ k
-    return r.scatter(1, labels[:, None], p_k)  # Eq. (5), i = k: p_k
+def uniformity_eq4(p_old, labels):
+    return -p_old  # Eq. (4): r_uni_i = -p_i, the GRPO-RM default
 
 
-def uniformity_none(p, labels):
-    return torch.zeros_like(p)  # Table 6 "set to 0": accuracy reward only
+def uniformity_eq5(p_old, labels):
+    c, k = p_old.shape[1], labels[:, None]
+    p_k = p_old.gather(1, k)  # (N, 1): the old probability of the true class
+    return ((1 - p_k) / (c - 1) - p_old).scatter(1, k, p_k)  # Eq. (5): i ≠ k; p_k for i = k
+
+
+def uniformity_none(p_old, labels):
+    return torch.zeros_like(p_old)  # Table 6, "set to 0": the accuracy reward alone
 
 
 UNIFORMITY = {"eq4": uniformity_eq4, "eq5": uniformity_eq5, "none": uniformity_none}
 
 
 def rewards(old_probs, labels, uniformity="eq4", background_penalty=False):
-    """Rewards of the c outputs of each sample, from the OLD policy's probabilities (Alg. 1, line 6).
-    old_probs (N, c), labels (N,) -> (N, c)."""
-    N, c = old_probs.shape
+    """The reward of each of the c outputs of each sample, from the OLD policy's probabilities
+    (Algorithm 1, line 6). old_probs (N, c), labels (N,) -> (N, c)."""
     if uniformity not in UNIFORMITY:
         raise ValueError(f"uniformity must be one of {sorted(UNIFORMITY)}, got {uniformity!r}")
-    r_acc = c * F.one_hot(labels, c).to(old_probs.dtype)  # Eq. (3): c for the true class, 0 otherwise
-    r = r_acc + UNIFORMITY[uniformity](old_probs, labels)  # Eq. (6): r = r_acc + r_uni
-    if background_penalty:  # Section 3.3, segmentation: r_1 <- r_1 - c/2 (class 1 = index 0, background)
-        r = r - (c / 2) * F.one_hot(torch.zeros_like(labels), c).to(r.dtype)
+    c = old_probs.shape[1]
+    r = UNIFORMITY[uniformity](old_probs, labels)  # (N, c) r_uni
+    r = r.scatter_add(1, labels[:, None], torch.full_like(r[:, :1], c))  # Eqs. (3), (6): +c at k
+    if background_penalty:  # Section 3.3, segmentation: r_1 -= c/2 ("class 1" = index 0)
+        r[:, 0] -= c / 2
     return r
 
 
 def advantages(r, eps=1e-4):
-    """Eq. (2): z-score of the rewards over the group (the c classes).
-    Open in the paper: which std. Here the unbiased one plus eps in the denominator, as TRL's GRPO."""
+    """Eq. (2): the z-score of the rewards over the group (the c classes of one sample).
+    Open in the paper: which std. Here the unbiased one, plus eps, as TRL's GRPO."""
     return (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + eps)  # (N, c)
 
 
-def grpo_rm_loss(logits, old_logits, labels, clip_eps=0.2, uniformity="eq4", background_penalty=False,
-                 ignore_index=-100):
-    """-J(θ) of Eq. (1) with β = 0: the group is the c classes, π_θ(o_i|q) = softmax(logits)_i.
-    logits, old_logits (N, c); labels (N,). Averaged over the samples whose label != ignore_index."""
-    keep = labels != ignore_index  # (N,)
-    y = labels.masked_fill(~keep, 0)
-    dtype = torch.promote_types(logits.dtype, torch.float32)  # float32 under bf16 autocast (float64 stays)
-    logp = F.log_softmax(logits.to(dtype), dim=-1)  # (N, c)
-    logp_old = F.log_softmax(old_logits.detach().to(dtype), dim=-1)  # (N, c), θ_old carries no gradient
-    with torch.no_grad():
-        A = advantages(rewards(logp_old.exp(), y, uniformity, background_penalty))  # (N, c), Alg. 1 lines 6-7
-    ratio = torch.exp(logp - logp_old)  # ρ_i = π_θ/π_θold in log space: p_old may underflow to 0
-    surrogate = torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)  # Eq. (1), inside the sum
-    J = surrogate.mean(dim=-1)  # (N,): 1/G Σ_i, G = c
-    return -(J * keep).sum() / keep.sum().clamp(min=1)  # loss = -J, mean over labelled samples
+GRPO_DIAGNOSTICS = ("clip_frac", "approx_kl", "ratio_dev_mean", "ratio_dev_max")
+
+
+def grpo_rm_terms(z, z_old, y, keep, clip_eps, uniformity, background_penalty):
+    """Eq. (1) for a chunk of samples, in float32 (float64 stays float64). z, z_old (n, c) logits,
+    y (n,) labels, keep (n,) labelled. Returns Σ_n J_n, ∂J/∂z (n, c) and the diagnostics' sums."""
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    logp = F.log_softmax(z.to(dtype), -1)  # (n, c) log π_θ(o_i|q)
+    logp_old = F.log_softmax(z_old.to(dtype), -1)  # (n, c) log π_θold(o_i|q)
+    p_old = logp_old.exp()
+    A = advantages(rewards(p_old, y, uniformity, background_penalty))  # Alg. 1, lines 6-7
+    log_ratio = logp - logp_old  # ρ in log space: p_old may underflow to 0 (bf16 above all)
+    ratio = log_ratio.exp()  # (n, c) ρ_i = π_θ / π_θold
+    rA = ratio * A
+    cA = ratio.clamp(1 - clip_eps, 1 + clip_eps) * A
+    unclipped = rA <= cA  # where min(ρA, clip(ρ)A) is ρA: the terms that carry a gradient
+    J = torch.where(unclipped, rA, cA).mean(-1)  # (n,) 1/G Σ_i min(...), G = c
+    # ∂J/∂z_j = 1/c Σ_i g_i A_i ∂ρ_i/∂z_j with ∂ρ_i/∂z_j = ρ_i (δ_ij - p_j), g = unclipped:
+    # = 1/c [w_j - p_j Σ_i w_i], w = g ⊙ ρ ⊙ A. At ρ = 1 (θ = θ_old) this is A / c.
+    w = rA * unclipped
+    dJ = (w - logp.exp() * w.sum(-1, keepdim=True)) / z.shape[1]  # (n, c)
+    on = keep[:, None]
+    dev = (ratio - 1).abs() * on  # |ρ - 1|
+    kl = (p_old * (ratio - 1 - log_ratio)).sum(-1)  # Σ_i p_old,i [(ρ_i - 1) - log ρ_i] per sample
+    stats = torch.stack([(~unclipped & on).sum().to(dtype), (kl * keep).sum(), dev.sum(),
+                         dev.max()])
+    return (J * keep).sum(), dJ, stats
+
+
+class GRPORMLoss(torch.autograd.Function):
+    """-J(θ) of Eq. (1) with β = 0, averaged over the labelled samples, and its gradient in closed
+    form. The forward works through float32 chunks of rows (bounded transients) and saves one
+    tensor for the backward, the gradient itself, in the dtype of the logits."""
+
+    @staticmethod
+    def forward(ctx, logits, old_logits, labels, clip_eps, uniformity, penalty, ignore, chunk):
+        N, c = logits.shape
+        keep = labels != ignore  # (N,)
+        y = labels.masked_fill(~keep, 0)
+        n = keep.sum().clamp(min=1)
+        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        J_sum, stats = 0.0, []
+        for s in range(0, N, max(1, chunk // c)):
+            sl = slice(s, s + max(1, chunk // c))
+            J, dJ, st = grpo_rm_terms(logits[sl], old_logits[sl], y[sl], keep[sl], clip_eps,
+                                      uniformity, penalty)
+            J_sum, stats = J_sum + J, stats + [st]
+            if grad is not None:
+                grad[sl] = dJ * (keep[sl, None] / -n)  # ∂(-Σ J / n)/∂z; 0 for unlabelled
+        st = torch.stack(stats)  # (chunks, 4)
+        diag = torch.stack([st[:, 0].sum() / (n * c), st[:, 1].sum() / n,
+                            st[:, 2].sum() / (n * c), st[:, 3].max()])
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(diag)
+        return -J_sum / n, diag
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_diag):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None
+
+
+def grpo_rm_loss(logits, old_logits, labels, clip_eps=0.2, uniformity="eq4",
+                 background_penalty=False, ignore_index=-100, chunk=None, diagnostics=False):
+    """-J(θ) of Eq. (1), β = 0: the group is the c classes, π_θ(o_i|q) = softmax(logits)_i.
+    logits, old_logits (N, c); labels (N,). The mean over samples whose label != ignore_index.
+    With diagnostics=True also returns (clip_frac, approx_kl, mean |ρ-1|, max |ρ-1|) as one
+    tensor: the fraction of (sample, class) terms the clip cuts off, and KL(π_θold || π_θ)
+    estimated by the usual (ρ - 1) - log ρ averaged over o ~ π_θold (exact here: the group is
+    the whole class set). chunk: float32 elements per working chunk (default by device)."""
+    chunk = chunk or (2**24 if logits.is_cuda else 2**16)
+    loss, diag = GRPORMLoss.apply(logits, old_logits.detach(), labels, clip_eps, uniformity,
+                                  background_penalty, ignore_index, chunk)
+    return (loss, diag) if diagnostics else loss
 
 
 def make_old(model):
-    """θ_old: a frozen copy of the WHOLE model (backbone + head); no gradients, no optimizer state."""
+    """θ_old: a frozen copy of the WHOLE model (backbone + head): no gradients, no optimizer."""
     return copy.deepcopy(model).requires_grad_(False).eval()
 
 
@@ -649,8 +761,8 @@ def refresh_old(old, model):
     old.load_state_dict(model.state_dict())
 
 
-# -----------------------------------------------------------------------------
-# Training: Adam, cosine learning rate, bf16 autocast, DDP
+# =============================================================================
+# Training: Adam, cosine learning rate, bf16 autocast, DDP; checkpoints and signals
 
 @dataclass
 class Ctx:
@@ -658,25 +770,46 @@ class Ctx:
     world: int
     device: torch.device
     amp_dtype: torch.dtype  # bfloat16 or float32
+    wait_group: object = None  # a gloo group for long waits (downloads, the hub cache)
 
     def amp(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp_dtype == torch.bfloat16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.amp_dtype == torch.bfloat16)
 
 
 def setup(args):
+    """The device and dtype, and under torchrun the process group: NCCL on GPU, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    device, backend = torch.device("cpu"), args.dist_backend or ("nccl" if args.device == "cuda"
+                                                                 else "gloo")
+    if args.device == "cuda":
+        gpus = torch.cuda.device_count()
+        if backend == "nccl" and local >= gpus:
+            raise UserError(f"--nproc_per_node: more processes than the {gpus} GPUs; NCCL needs "
+                            "one GPU each (--dist-backend gloo shares them)")
+        device = torch.device("cuda", local % gpus)
+        torch.cuda.set_device(device)
+        # Open in the paper: TF32. Matrix products under --dtype fp32 use TF32 on GPUs that have it.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    wait_group = None
     if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")  # env:// from torchrun
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
-    return Ctx(rank, world, device, dtype)
+        if not dist.is_initialized():
+            dist.init_process_group(backend)  # env:// from torchrun
+        wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=12))
+    return Ctx(rank, world, device, torch.bfloat16 if args.dtype == "bf16" else torch.float32,
+               wait_group)
+
+
+def rank0_first(ctx, fn):
+    """fn() on rank 0, then on the others, which find its files (a download, the hub cache).
+    They wait on a gloo barrier with a long timeout: NCCL's watchdog never sees the wait."""
+    out = fn() if ctx.rank == 0 else None
+    if ctx.world > 1:
+        dist.barrier(group=ctx.wait_group)
+    return out if ctx.rank == 0 else fn()
 
 
 def cosine_lr(step, total, lr_max, lr_min):
@@ -688,30 +821,65 @@ def lr_range(base, batch_size):
     return base * batch_size / 256, base / 100 * batch_size / 256
 
 
-def step_loss(args, model, old, x, y, num_classes):
-    """The training loss of one batch: -J of Eq. (1) (GRPO-RM) or cross-entropy (fine-tuning)."""
-    def flat(z):  # (B, c, S, S) -> (B·S·S, c): for segmentation every pixel is a sample
-        return z.permute(0, 2, 3, 1).reshape(-1, num_classes) if args.task == "seg" else z
+def make_loss(args):
+    """The loss of a batch of logits (N, c): -J of Eq. (1) (GRPO-RM) or cross-entropy, and for
+    GRPO-RM its diagnostics. Returns fn(logits, old_logits, labels, ignore) -> (loss, diag)."""
+    if args.method == "ce":
+        return lambda z, z_old, y, ignore: (F.cross_entropy(z.float(), y, ignore_index=ignore), None)
+    return lambda z, z_old, y, ignore: grpo_rm_loss(
+        z, z_old, y, args.clip_eps, args.uniformity, args.background_penalty, ignore,
+        diagnostics=True)
 
-    if args.method == "grpo":
-        with torch.no_grad():  # π_θold(·|x), Algorithm 1 line 5; run first, so that its transient
+
+def step_loss(model, old, x, y, loss_fn, seg):
+    """One batch through θ (and θ_old for GRPO-RM) to the loss; for segmentation every labelled
+    pixel of the (S × S) logit map is a sample."""
+    def flat(z):  # (B, c, S, S) -> (B·S·S, c), pixel-major like the labels
+        return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]) if seg else z
+
+    old_logits = None
+    if old is not None:
+        with torch.no_grad():  # π_θold(·|x), Algorithm 1 line 5; first, so that its transient
             old_logits = flat(old(x))  # activations are freed before the graph's pile up
     logits = model(x)  # (B, c) or (B, c, S, S)
     ignore = -100
-    if args.task == "seg":
-        y = resize_labels(y, logits.shape[-1])  # (B, S, S)
-        logits, y, ignore = flat(logits), y.reshape(-1), IGNORE
-    if args.method == "ce":
-        return F.cross_entropy(logits.float(), y, ignore_index=ignore)
-    return grpo_rm_loss(logits, old_logits, y, args.clip_eps, args.uniformity, args.background_penalty, ignore)
+    if seg:
+        y, ignore = resize_labels(y, logits.shape[-1]).reshape(-1), IGNORE  # (B·S·S,)
+    return loss_fn(flat(logits), old_logits, y, ignore)
+
+
+def train_step(model, old, opt, params, loss_fn, seg, ctx, x, y, lr):
+    """One optimisation step. Returns [loss, grad norm, *diagnostics] as one device tensor (the
+    loop syncs with the host only at log steps)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+    with ctx.amp():
+        loss, diag = step_loss(model, old, x, y, loss_fn, seg)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # measures, never clips
+    opt.step()
+    row = [loss.detach().float(), gnorm.float()]
+    return torch.stack(row + ([] if diag is None else list(diag.float())))
+
+
+def prepare_training(net, compile_, lr, ctx):
+    """DDP (gradients averaged over ranks), optional torch.compile, Adam (fused on GPU)."""
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    model = DDP(net, device_ids=ids) if ctx.world > 1 else net
+    model = torch.compile(model) if compile_ else model
+    params = [p for p in net.parameters() if p.requires_grad]  # θ_old is not among them
+    fused = ctx.device.type == "cuda"
+    return model, params, torch.optim.Adam(params, lr=lr, weight_decay=0.0, fused=fused)
 
 
 class RunStopped(UserError):
-    """The run stopped before its end (signal, non-finite loss); the message says where and how to go on."""
+    """The run stopped before its end (a signal, a non-finite loss); the message says how to go on."""
 
 
 def atomic_save(path, write):
-    """Write to a temp file in the same folder, fsync, rename: a crash never leaves a half-written file."""
+    """Write a temp file in the same folder, fsync, rename: never a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         write(f)
@@ -720,35 +888,42 @@ def atomic_save(path, write):
     os.replace(tmp, path)
 
 
-RESUMABLE = {"epochs", "out", "resume", "stop_after_epoch", "log_every", "workers", "save_vis", "eval_epochs", "eval_lr"}
+def write_json_atomic(path, obj):
+    atomic_save(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
-def save_checkpoint(path, args, net, old, opt, state):
+# Flags that may change on --resume: they do not change what training computes.
+RESUMABLE = {"epochs", "out", "resume", "stop_after_epoch", "log_every", "workers", "save_vis",
+             "eval_epochs", "eval_lr", "feature_type", "ms_scales", "eval_memory_gb"}
+
+
+def save_checkpoint(path, args, net, old, opt, st):
     ckpt = {"model": net.state_dict(), "old": old.state_dict() if old is not None else None,
-            "opt": opt.state_dict(), "state": state, "config": vars(args), "rng": torch.get_rng_state()}
+            "opt": opt.state_dict(), "state": st, "config": vars(args),
+            "rng": torch.get_rng_state()}
     atomic_save(path, lambda f: torch.save(ckpt, f))
 
 
 def load_checkpoint(path, args, net, old, opt):
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    diff = [k for k in set(ckpt["config"]) | set(vars(args)) if k not in RESUMABLE
-            and ckpt["config"].get(k) != vars(args).get(k)]
+    cfg = vars(args)
+    diff = sorted(k for k in set(ckpt["config"]) | set(cfg)
+                  if k not in RESUMABLE and ckpt["config"].get(k) != cfg.get(k))
     if diff:
-        raise UserError(f"--resume: {path} was written with other settings ({', '.join(f'--{k.replace(chr(95), chr(45))}' for k in sorted(diff))})")
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in diff)
+        raise UserError(f"--resume: {path} was written with other settings ({flags})")
     net.load_state_dict(ckpt["model"])
     if old is not None:
-        old.load_state_dict(ckpt["old"])
+        old.load_state_dict(ckpt["old"])  # θ_old of the epoch under way, not a fresh copy
     opt.load_state_dict(ckpt["opt"])
     torch.set_rng_state(ckpt["rng"])
     return ckpt["state"]
 
 
-def stop_signals():
-    """SIGTERM / SIGINT (pre-emption, Ctrl-C) set a flag; the loop checkpoints after the current step."""
-    flag = {"signal": None}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: flag.update(signal=signal.Signals(signum).name))
-    return flag
+def on_signals(handler):
+    """Install handler for SIGTERM and SIGINT; returns a function that restores the previous ones."""
+    before = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    return lambda: [signal.signal(s, h) for s, h in before.items()]
 
 
 def agreed(value, ctx):
@@ -760,109 +935,129 @@ def agreed(value, ctx):
     return t.item() > 0
 
 
-def prepare_training(args, ctx, net):
-    """DDP wrapper (gradients averaged across ranks), optional torch.compile, Adam (fused on GPU)."""
-    model = DDP(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if ctx.world > 1 else net
-    model = torch.compile(model) if args.compile else model
-    params = [p for p in net.parameters() if p.requires_grad]  # θ_old is not among them
-    lr_max, _ = lr_range(args.lr, args.batch_size)
-    return model, params, torch.optim.Adam(params, lr=lr_max, weight_decay=0.0, fused=ctx.device.type == "cuda")
+def flush(rows, st, ctx, ckpt):
+    """Move the buffered steps into st["series"]: the training loop's only host sync. Under DDP a
+    value is the mean over ranks (ratio_dev_max: the max). Stops at a non-finite loss or gradient."""
+    if not rows:
+        return
+    steps, lrs, t = [r[0] for r in rows], [r[1] for r in rows], torch.stack([r[2] for r in rows])
+    keys = [k for k in st["series"] if k not in ("step", "lr")]
+    if ctx.world > 1:
+        top = t.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t)
+        t = torch.where(torch.tensor([k == "ratio_dev_max" for k in keys], device=t.device),
+                        top, t / ctx.world)
+    rows.clear()
+    values = dict(zip(keys, t.T.tolist()))
+    bad = [s for s, a, b in zip(steps, values["loss"], values["grad_norm"])
+           if not math.isfinite(a + b)]
+    if bad:
+        raise RunStopped(f"non-finite loss or gradient at epoch {st['epoch'] + 1}, step "
+                         f"{bad[0] + 1}; last good checkpoint: {ckpt if os.path.isfile(ckpt) else 'none'} "
+                         "(lower --lr or use --dtype fp32, then --resume)")
+    for k, v in [("step", steps), ("lr", lrs), *values.items()]:
+        st["series"][k] += v
 
 
-def train_step(args, ctx, model, old, opt, params, x, y, lr, num_classes):
-    """One optimisation step. Returns the loss and the gradient norm as device tensors (no host sync)."""
-    for g in opt.param_groups:
-        g["lr"] = lr
-    x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-    with ctx.amp():
-        loss = step_loss(args, model, old, x, y, num_classes)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # measures, never clips
-    opt.step()
-    return loss.detach(), gnorm
+def progress(st, epochs, total, img_s):
+    s = st["series"]
+    parts = [f"epoch {st['epoch'] + 1}/{epochs} step {s['step'][-1] + 1}/{total}",
+             f"loss {s['loss'][-1]:.4f}"]
+    if "clip_frac" in s:
+        parts += [f"clip {s['clip_frac'][-1]:.3f}", f"kl {s['approx_kl'][-1]:.2e}",
+                  f"|ρ-1| {s['ratio_dev_mean'][-1]:.3f} (max {s['ratio_dev_max'][-1]:.2f})"]
+    parts += [f"grad norm {s['grad_norm'][-1]:.3f}", f"lr {s['lr'][-1]:.2e}", f"{img_s:.0f} img/s"]
+    print(" | ".join(parts), flush=True)
 
 
-def train(args, ctx, net, train_set, num_classes, run_dir):
-    """Algorithm 1 (and, with --method ce, standard fine-tuning with the same network and schedule).
-    Returns the history, or None when --stop-after-epoch ended it early."""
+def train(args, ctx, net, train_set, run_dir):
+    """Algorithm 1; with --method ce, standard fine-tuning with the same network and schedule.
+    Returns the history, or None when --stop-after-epoch ended the run early."""
     old = make_old(net) if args.method == "grpo" else None
-    model, params, opt = prepare_training(args, ctx, net)
-    old_fwd = torch.compile(old) if args.compile and old is not None else old
     lr_max, lr_min = lr_range(args.lr, args.batch_size)
-    sampler = DistributedSampler(train_set, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=args.seed)
-    per_epoch = math.ceil(len(sampler) / (args.batch_size // ctx.world))
-    total, ckpt = args.epochs * per_epoch, os.path.join(run_dir, "ckpt.pt")
-    st = {"epoch": 0, "step_in_epoch": 0, "loss_sum": 0.0, "train_loss": [], "sec_per_epoch": []}
+    model, params, opt = prepare_training(net, args.compile, lr_max, ctx)
+    old_fwd = torch.compile(old) if args.compile and old is not None else old
+    local_bs = args.batch_size // ctx.world
+    sampler = DistributedSampler(train_set, ctx.world, ctx.rank, shuffle=True, seed=args.seed)
+    per_epoch, ckpt = math.ceil(len(sampler) / local_bs), os.path.join(run_dir, "ckpt.pt")
+    keys = ["step", "lr", "loss", "grad_norm"] + (list(GRPO_DIAGNOSTICS) if old else [])
+    st = {"epoch": 0, "step_in_epoch": 0, "series": {k: [] for k in keys}, "train_loss": [],
+          "sec_per_epoch": []}
     if args.resume and os.path.isfile(ckpt):
         st = load_checkpoint(ckpt, args, net, old, opt)
         if ctx.rank == 0:
-            print(f"resumed from {ckpt}: epoch {st['epoch'] + 1}, step {st['step_in_epoch']}", flush=True)
-    stop = stop_signals()
-    for epoch in range(st["epoch"], args.epochs):
-        skip = st["step_in_epoch"] if epoch == st["epoch"] else 0
-        torch.manual_seed(args.seed * 100_003 + ctx.rank * 1009 + epoch)  # augmentation: per rank, per epoch
-        if old is not None and skip == 0:
-            refresh_old(old, net)  # Algorithm 1, line 3
-        t0 = t_log = time.time()
-        loss_sum, n_seen = torch.full((), st["loss_sum"] if skip else 0.0, device=ctx.device), 0
-        first_bad = torch.full((), -1, device=ctx.device)
-        for i, (x, y) in enumerate(epoch_loader(train_set, sampler, epoch, skip, args, ctx), start=skip):
-            step = epoch * per_epoch + i
-            lr = cosine_lr(step, total, lr_max, lr_min)
-            loss, gnorm = train_step(args, ctx, model, old_fwd, opt, params, x, y, lr, num_classes)
-            loss_sum += loss
-            n_seen += len(x)
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss + gnorm), step, first_bad)
-            sync = step % args.log_every == 0 or i == per_epoch - 1  # the loop's only host syncs
-            if sync and first_bad.item() >= 0:
-                raise RunStopped(f"non-finite loss or gradient at epoch {epoch + 1}, step {first_bad.item() + 1}; "
-                                 f"last good checkpoint: {ckpt if os.path.isfile(ckpt) else 'none'} "
-                                 f"(lower --lr or use --dtype fp32, then --resume)")
-            if sync and ctx.rank == 0:
-                print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{total} | loss {loss.item():.4f} | "
-                      f"grad norm {gnorm.item():.3f} | lr {lr:.2e} | "
-                      f"{n_seen * ctx.world / max(time.time() - t_log, 1e-9):.0f} img/s", flush=True)
-                t_log, n_seen = time.time(), 0
-            stopping = (sync or ctx.world == 1) and agreed(stop["signal"], ctx)  # ranks stop at the same step
-            if stopping and i < per_epoch - 1:
-                st.update(epoch=epoch, step_in_epoch=i + 1, loss_sum=loss_sum.item())
-                break
-        else:  # the epoch ran to its end
-            if ctx.world > 1:
-                dist.all_reduce(loss_sum)
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize()
-            st["train_loss"].append(loss_sum.item() / (per_epoch * ctx.world))
-            st["sec_per_epoch"].append(time.time() - t0)
-            st.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0)
-            stopping = agreed(stop["signal"], ctx)
-        if ctx.rank == 0:
-            save_checkpoint(ckpt, args, net, old, opt, st)
-        if stopping:
-            raise RunStopped(f"stopped by {stop['signal'] or 'a signal'} at epoch {st['epoch'] + 1}, step "
-                             f"{st['step_in_epoch']}; checkpoint {ckpt}: rerun with --resume")
-        if args.stop_after_epoch == epoch + 1:
-            return None
-    return {"train_loss": st["train_loss"], "sec_per_epoch": st["sec_per_epoch"]}
+            print(f"resumed from {ckpt}: epoch {st['epoch'] + 1}, step {st['step_in_epoch']}",
+                  flush=True)
+    step = functools.partial(train_step, model, old_fwd, opt, params, make_loss(args),
+                             args.task == "seg", ctx)
+    lr_at = functools.partial(cosine_lr, total=args.epochs * per_epoch, lr_max=lr_max,
+                              lr_min=lr_min)
+    flag = {"signal": None}
+    restore = on_signals(lambda s, _: flag.update(signal=signal.Signals(s).name))
+    try:
+        for epoch in range(st["epoch"], args.epochs):
+            if old is not None and st["step_in_epoch"] == 0:
+                refresh_old(old, net)  # Algorithm 1, line 3
+            torch.manual_seed(args.seed * 100_003 + ctx.rank * 1009 + epoch)  # augmentation
+            batches = epoch_batches(train_set, sampler, epoch, st["step_in_epoch"], local_bs,
+                                    args, ctx)
+            stopping = run_epoch(batches, step, lr_at, st, per_epoch, flag, ckpt, args, ctx)
+            if ctx.rank == 0:
+                save_checkpoint(ckpt, args, net, old, opt, st)
+            if stopping:
+                raise RunStopped(f"stopped by {flag['signal'] or 'a signal'} at epoch "
+                                 f"{st['epoch'] + 1}, step {st['step_in_epoch']}; checkpoint "
+                                 f"{ckpt}: rerun with --resume")
+            if args.stop_after_epoch == epoch + 1:
+                return None
+    finally:
+        restore()
+    return {k: st[k] for k in ("train_loss", "sec_per_epoch", "series")}
 
 
-# -----------------------------------------------------------------------------
+def run_epoch(batches, step, lr_at, st, per_epoch, flag, ckpt, args, ctx):
+    """The steps of one epoch (from st["step_in_epoch"] on). Returns True if a signal stops the
+    run; st then says where to resume."""
+    epoch, rows, t0 = st["epoch"], [], time.time()
+    t_log, n_seen = t0, 0
+    for i, (x, y) in enumerate(batches, start=st["step_in_epoch"]):
+        s = epoch * per_epoch + i
+        lr = lr_at(s)
+        rows.append((s, lr, step(x, y, lr)))
+        n_seen += len(x)
+        sync = s % args.log_every == 0 or i == per_epoch - 1  # the loop's only host syncs
+        if sync:
+            flush(rows, st, ctx, ckpt)
+            if ctx.rank == 0:
+                progress(st, args.epochs, args.epochs * per_epoch,
+                         n_seen * ctx.world / max(time.time() - t_log, 1e-9))
+            t_log, n_seen = time.time(), 0
+        if (sync or ctx.world == 1) and agreed(flag["signal"], ctx) and i < per_epoch - 1:
+            flush(rows, st, ctx, ckpt)  # ranks stop at the same step
+            st["step_in_epoch"] = i + 1
+            return True
+    st["train_loss"].append(float(np.mean(st["series"]["loss"][-per_epoch:])))
+    st["sec_per_epoch"].append(time.time() - t0)
+    st.update(epoch=epoch + 1, step_in_epoch=0)
+    return agreed(flag["signal"], ctx)
+
+
+# =============================================================================
 # Evaluation on frozen features: softmax regression (SR), kNN, pixel accuracy / IoU / mIoU
 
 def all_gather_cat(t, ctx):
-    """Concatenate a tensor whose first dimension differs across ranks."""
+    """Concatenate over ranks a tensor whose first dimension differs between them."""
     if ctx.world == 1:
         return t
     n = torch.tensor([len(t)], device=ctx.device)
     sizes = [torch.zeros_like(n) for _ in range(ctx.world)]
     dist.all_gather(sizes, n)
-    m = int(max(sizes))
-    pad = t.new_zeros((m, *t.shape[1:]), device=ctx.device)
+    pad = t.new_zeros((int(max(sizes)), *t.shape[1:]), device=ctx.device)
     pad[:len(t)] = t.to(ctx.device)
     out = [torch.empty_like(pad) for _ in range(ctx.world)]
     dist.all_gather(out, pad)
-    return torch.cat([o[:int(s)] for o, s in zip(out, sizes)]).to(t.device)
+    return torch.cat([o[:int(k)] for o, k in zip(out, sizes)]).to(t.device)
 
 
 def all_reduce_sum(t, ctx):
@@ -872,82 +1067,110 @@ def all_reduce_sum(t, ctx):
     return t.cpu()
 
 
+def host_tensor(shape, dtype, path):
+    """A tensor in RAM, or (path given) backed by a file and memory-mapped: its pages are then the
+    kernel's page cache, reclaimable, and the process holds only what it copies out."""
+    if path is None:
+        return torch.empty(shape, dtype=dtype)
+    if os.path.exists(path):
+        os.remove(path)
+    return torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
+
+
 @torch.no_grad()
-def extract(net, loader, ctx, label_size=None):
-    """One pass of the frozen backbone over a split (this rank's shard). Features are cached (CPU) and
-    reused for every epoch of the evaluation head. Segmentation labels are resized to label_size."""
-    feats, labels = [], []
-    for x, y in loader:
+def extract(net, batches, n, ctx, n_layers=1, label_size=None, spill=None, budget_gb=math.inf):
+    """One pass of the frozen backbone over this rank's shard of a split (n images). Features (in
+    the autocast dtype) and labels are cached on the host, in RAM up to budget_gb, else in files
+    under the folder spill, and reused by every epoch of the evaluation head."""
+    feats = labels = None
+    i = 0
+    for x, y in batches:
         with ctx.amp():
-            f = net.features(x.to(ctx.device, non_blocking=True))  # (B, D) or (B, n·D, h, w)
-        feats.append(f.to(ctx.amp_dtype).cpu())
-        labels.append(resize_labels(y, label_size).to(torch.uint8) if label_size is not None else y)
-    return torch.cat(feats), torch.cat(labels)
+            f = net.features(x.to(ctx.device, non_blocking=True), n_layers).to(ctx.amp_dtype)
+        y = y.cpu() if label_size is None else resize_labels(y.cpu(), label_size).to(torch.uint8)
+        if feats is None:  # the shapes are known now
+            per_image = f[0].numel() * f.element_size() + y[0].numel() * y.element_size()
+            disk = n * per_image > budget_gb * 2**30 and spill is not None
+            if disk:
+                os.makedirs(spill, exist_ok=True)
+            path = (lambda name: os.path.join(spill, name)) if disk else (lambda name: None)
+            feats = host_tensor((n, *f.shape[1:]), f.dtype, path(f"feats-{ctx.rank}.bin"))
+            labels = host_tensor((n, *y.shape[1:]), y.dtype, path(f"labels-{ctx.rank}.bin"))
+        feats[i:i + len(f)], labels[i:i + len(f)] = f.cpu(), y
+        i += len(f)
+    return feats, labels
 
 
-def fit_head(head, feats, labels, n_total, args, ctx, ignore_index=-100):
-    """Train a freshly initialised head on cached frozen features with Adam for --eval-epochs epochs,
-    learning rate as in training (Section 4.2). Each rank holds its shard; gradients are averaged."""
+def fit_head(head, feats, labels, n_total, args, ctx, cols=slice(None), ignore_index=-100):
+    """Train a fresh head on cached frozen features: Adam, --eval-epochs epochs, the training lr
+    rule (Section 4.2). The batches are the ones a single process would draw (one permutation of
+    all n_total samples per epoch): rank r holds samples r, r + world, ..., so it takes the members
+    of each batch with index = r (mod world). Losses are summed and divided by the batch's global
+    count of labelled samples, gradients summed over ranks: any world size gives the same head."""
     params = list(head.parameters())
     lr_max, lr_min = lr_range(args.eval_lr, args.batch_size)
     opt = torch.optim.Adam(params, lr=lr_max, weight_decay=0.0)
-    local_bs, n_local = args.batch_size // ctx.world, len(feats)
-    per_epoch = max(1, math.ceil(n_total / args.batch_size))
-    total = args.eval_epochs * per_epoch
-    gen = torch.Generator().manual_seed(args.seed)
+    per_epoch = math.ceil(n_total / args.batch_size)
+    total, gen = args.eval_epochs * per_epoch, torch.Generator().manual_seed(args.seed)
     for step in range(total):
         if step % per_epoch == 0:
-            order = torch.randperm(n_local, generator=gen)
-        idx = order[(torch.arange(local_bs) + (step % per_epoch) * local_bs) % n_local]
-        x, y = feats[idx].to(ctx.device).float(), labels[idx].to(ctx.device).long()
+            batches = torch.randperm(n_total, generator=gen).split(args.batch_size)
+        idx = batches[step % per_epoch].sort().values
+        mine = idx[idx % ctx.world == ctx.rank] // ctx.world  # positions in this rank's shard
+        x = feats[mine][:, cols].to(ctx.device).float()  # (b, D) or (b, D, h, w)
+        y = labels[mine].to(ctx.device).long()
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, total, lr_max, lr_min)
         with ctx.amp():
             logits = head(x)  # (b, c) or (b, c, S, S)
-        loss = F.cross_entropy(logits.float(), y, ignore_index=ignore_index)
+        loss = F.cross_entropy(logits.float(), y, ignore_index=ignore_index, reduction="sum")
+        count = (y != ignore_index).sum().float()
+        if ctx.world > 1:
+            dist.all_reduce(count)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss / count.clamp(min=1)).backward()
         if ctx.world > 1:
             for p in params:
                 dist.all_reduce(p.grad)
-                p.grad /= ctx.world
         opt.step()
     return head.eval()
 
 
 def knn_predict(train_feats, train_labels, test_feats, k=5, chunk=1024):
-    """kNN vote on cosine similarity (L2-normalised features). Majority of the k nearest; a tie goes to
-    the tied class whose member is nearest. Open in the paper: all but k = 5."""
+    """kNN vote on cosine similarity (L2-normalised features): the majority of the k nearest; a
+    tie goes to the tied class whose member is nearest. Open in the paper: all but k = 5."""
     train = F.normalize(train_feats.float(), dim=1)  # (N, D)
     k, c = min(k, len(train)), int(train_labels.max()) + 1
-    rank_score = (k - torch.arange(k, device=train.device)).float()  # nearest neighbour scores k
+    score = (k - torch.arange(k, device=train.device)).float()  # the nearest neighbour scores k
     preds = []
     for q in F.normalize(test_feats.float(), dim=1).split(chunk):  # (q, D)
-        nn_idx = (q @ train.T).topk(k, dim=1).indices  # (q, k), nearest first
-        nn_lab = train_labels[nn_idx]  # (q, k)
-        votes = torch.zeros(len(q), c, device=q.device).scatter_add_(1, nn_lab, torch.ones_like(rank_score).expand(len(q), k))
-        nearest = torch.zeros(len(q), c, device=q.device).scatter_reduce_(1, nn_lab, rank_score.expand(len(q), k), "amax")
+        nn_lab = train_labels[(q @ train.T).topk(k, dim=1).indices]  # (q, k), nearest first
+        votes = torch.zeros(len(q), c, device=q.device).scatter_add_(
+            1, nn_lab, torch.ones_like(score).expand(len(q), k))
+        nearest = torch.zeros(len(q), c, device=q.device).scatter_reduce_(
+            1, nn_lab, score.expand(len(q), k), "amax")
         preds.append((votes * (k + 1) + nearest).argmax(1))  # votes first, then nearness
     return torch.cat(preds)
 
 
 def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=5):
     """Top-1 accuracy (%) of the k-NN classifier (k = 5 in the paper)."""
-    return 100.0 * (knn_predict(train_feats, train_labels, test_feats, k) == test_labels).float().mean().item()
+    pred = knn_predict(train_feats, train_labels, test_feats, k)
+    return 100.0 * (pred == test_labels).float().mean().item()
 
 
 def confusion_matrix(pred, target, num_classes, ignore_index=IGNORE):
-    """(c, c) counts, rows = ground truth, columns = prediction; pixels with ignore_index are skipped."""
+    """(c, c) counts, rows = ground truth, columns = prediction; ignore_index pixels skipped."""
     keep = target != ignore_index
     idx = target[keep].long() * num_classes + pred[keep].long()
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    return torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def segmentation_metrics(conf):
-    """Pixel accuracy, IoU and mIoU (%) from one confusion matrix. "iou" is the frequency-weighted IoU
-    (Σ_c freq_c · IoU_c): open in the paper, whose "IoU" is always far above its mIoU (87.0 vs 66.8 on VOC),
-    which fits frequency weighting. "miou" averages IoU_c over the
-    classes present in the ground truth or the prediction (absent classes do not count)."""
+    """Pixel accuracy, IoU and mIoU (%) from one confusion matrix. Open in the paper: "IoU". Here
+    the frequency-weighted IoU, Σ_c freq_c IoU_c (freq from the ground truth): the paper's IoU is
+    always far above its mIoU (87.0 vs 66.8 on VOC), which fits it. mIoU averages IoU_c over the
+    classes present in the ground truth or the prediction."""
     conf = conf.double()
     tp, gt, pr = conf.diag(), conf.sum(1), conf.sum(0)
     union = gt + pr - tp
@@ -958,356 +1181,715 @@ def segmentation_metrics(conf):
             "miou": 100 * iou.mean().item()}
 
 
-def evaluate_cls(args, ctx, net, train_eval, test, num_classes):
-    """-> ({"sr", "knn"} in %, seconds of the feature pass)."""
-    t0 = time.time()
-    tr_f, tr_y = extract(net, eval_loader(train_eval, args, ctx), ctx)
-    te_f, te_y = extract(net, eval_loader(test, args, ctx), ctx)
+def evaluate_cls(args, ctx, net, train_eval, test, num_classes, spill):
+    """-> ({"sr", "knn"} in %, seconds of the feature passes)."""
+    t0, bs = time.time(), args.batch_size // ctx.world
+    tr_f, tr_y = extract(net, *eval_batches(train_eval, bs, args, ctx), ctx, spill=spill,
+                         budget_gb=args.eval_memory_gb)
+    te_f, te_y = extract(net, *eval_batches(test, bs, args, ctx), ctx)
     feature_seconds = time.time() - t0
-    n_train = int(all_reduce_sum(torch.tensor(len(tr_f)), ctx))
     torch.manual_seed(args.seed)
-    head = fit_head(nn.Linear(tr_f.shape[1], num_classes).to(ctx.device), tr_f, tr_y, n_train, args, ctx)
+    head = nn.Linear(tr_f.shape[1], num_classes).to(ctx.device)  # SR: softmax regression
+    head = fit_head(head, tr_f, tr_y, len(train_eval), args, ctx)
     with torch.no_grad(), ctx.amp():
-        sr_pred = torch.cat([head(f.to(ctx.device).float()).argmax(1).cpu() for f in te_f.split(4096)])
-    all_f, all_y = all_gather_cat(tr_f, ctx), all_gather_cat(tr_y, ctx)  # kNN needs every training feature
+        sr_pred = torch.cat([head(f.to(ctx.device).float()).argmax(1).cpu()
+                             for f in te_f.split(4096)])
+    all_f, all_y = all_gather_cat(tr_f, ctx), all_gather_cat(tr_y, ctx)  # every training feature
     knn_pred = knn_predict(all_f.to(ctx.device), all_y.to(ctx.device), te_f.to(ctx.device)).cpu()
-    counts = all_reduce_sum(torch.stack([(sr_pred == te_y).sum(), (knn_pred == te_y).sum(), torch.tensor(len(te_y))]), ctx)
-    return {"sr": 100.0 * counts[0].item() / counts[2].item(), "knn": 100.0 * counts[1].item() / counts[2].item()}, feature_seconds
+    hits = torch.stack([(sr_pred == te_y).sum(), (knn_pred == te_y).sum(), torch.tensor(len(te_y))])
+    hits = all_reduce_sum(hits, ctx)
+    return {"sr": 100.0 * hits[0].item() / hits[2].item(),
+            "knn": 100.0 * hits[1].item() / hits[2].item()}, feature_seconds
 
 
 @torch.no_grad()
-def predict_seg(net, head, x, args, ctx):
-    """Class probabilities (B, c, H, W) at the input resolution; --feature-type ms averages them over
-    --ms-scales and horizontal flips, as DINOv2's multi-scale evaluation does."""
+def predict_seg(net, heads, x, args, ctx):
+    """Class probabilities (B, c, H, W) at the input resolution, per feature type: "linear" is the
+    last layer at scale 1; "ms" averages the 4-layer head over --ms-scales and horizontal flips,
+    as DINOv2's multi-scale evaluation does. Each (scale, flip) is one backbone pass."""
     H, W = x.shape[-2:]
-    p = net.backbone.patch_size
-    ms = args.feature_type == "ms"
-    scales, flips = (args.ms_scales, [False, True]) if ms else ([1.0], [False])
-    probs = 0
-    for s in scales:
+    p, D = net.backbone.patch_size, net.backbone.embed_dim
+    plan = {(1.0, False): ["linear"]} if "linear" in heads else {}
+    for s in args.ms_scales if "ms" in heads else []:
+        for flip in (False, True):
+            plan.setdefault((s, flip), []).append("ms")
+    probs = {ft: 0 for ft in heads}
+    for (s, flip), types_ in plan.items():
         size = (max(p, round(H * s / p) * p), max(p, round(W * s / p) * p))
-        xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False) if s != 1.0 else x
-        for flip in flips:
-            xi = xs.flip(-1) if flip else xs
-            with ctx.amp():
-                logits = head(net.features(xi), size=(round(args.seg_size * s),) * 2)  # (B, c, S·s, S·s)
-            logits = F.interpolate(logits.float(), size=(H, W), mode="bilinear", align_corners=False)
-            probs = probs + (logits.flip(-1) if flip else logits).softmax(1)
-    return probs / (len(scales) * len(flips))
+        xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False) if s != 1 else x
+        with ctx.amp():
+            f = net.features(xs.flip(-1) if flip else xs, 4 if "ms" in heads else 1)
+        for ft in types_:
+            with ctx.amp():  # linear: the last layer's D channels of f (B, n·D, h, w)
+                z = heads[ft](f if ft == "ms" else f[:, -D:], size=(round(args.seg_size * s),) * 2)
+            z = F.interpolate(z.float(), size=(H, W), mode="bilinear", align_corners=False)
+            probs[ft] = probs[ft] + (z.flip(-1) if flip else z).softmax(1)  # the flip undone
+    n = {ft: sum(ft in t for t in plan.values()) for ft in heads}
+    return {ft: pr / n[ft] for ft, pr in probs.items()}
 
 
-def evaluate_seg(args, ctx, net, train_eval, test, num_classes, run_dir):
-    """-> ({"pixel_acc", "iou", "miou"} in %, "labelled_pixels"}, seconds of the feature passes)."""
-    t0 = time.time()
-    tr_f, tr_y = extract(net, eval_loader(train_eval, args, ctx), ctx, label_size=args.seg_size)
-    feature_seconds = time.time() - t0
-    n_train = int(all_reduce_sum(torch.tensor(len(tr_f)), ctx))
-    torch.manual_seed(args.seed)
-    head = SegHead(tr_f.shape[1], args.hidden, num_classes, args.seg_size).to(ctx.device)
-    head = fit_head(head, tr_f, tr_y, n_train, args, ctx, ignore_index=IGNORE)
-    n_local = len(range(ctx.rank, len(test), ctx.world))  # --save-vis: K images spread over rank 0's shard
-    show = np.linspace(0, n_local - 1, args.save_vis).round().astype(int).tolist() if ctx.rank == 0 else []
-    conf, pos, t0 = torch.zeros(num_classes, num_classes, dtype=torch.long), 0, time.time()
-    for x, y in eval_loader(test, args, ctx):  # the test split's one backbone pass (one per scale for ms)
-        pred = predict_seg(net, head, x.to(ctx.device), args, ctx).argmax(1).cpu()  # (B, H, W)
-        conf += confusion_matrix(pred, y, num_classes, IGNORE)
-        for b in range(len(x)):
-            if pos + b in show:
-                save_vis(x[b], y[b], pred[b], os.path.join(run_dir, "vis", f"{show.index(pos + b):03d}.png"))
+def evaluate_seg(args, ctx, net, train_eval, test, num_classes, run_dir, spill):
+    """-> ({feature type: {"pixel_acc", "iou", "miou", "labelled_pixels"}}, seconds of the
+    feature passes). One post-trained backbone, evaluated in each --feature-type."""
+    t0, bs, D = time.time(), args.batch_size // ctx.world, net.backbone.embed_dim
+    n_layers = 4 if "ms" in args.feature_type else 1
+    tr_f, tr_y = extract(net, *eval_batches(train_eval, bs, args, ctx), ctx, n_layers,
+                         args.seg_size, spill, args.eval_memory_gb)
+    feature_seconds, heads = time.time() - t0, {}
+    for ft in args.feature_type:
+        torch.manual_seed(args.seed)
+        head = SegHead(D * (4 if ft == "ms" else 1), args.hidden, num_classes, args.seg_size)
+        cols = slice(None) if ft == "ms" else slice(-D, None)  # linear: the last layer
+        heads[ft] = fit_head(head.to(ctx.device), tr_f, tr_y, len(train_eval), args, ctx, cols,
+                             IGNORE)
+    del tr_f, tr_y
+    conf = {ft: torch.zeros(num_classes, num_classes, dtype=torch.long) for ft in heads}
+    batches, n_local = eval_batches(test, bs, args, ctx)
+    show = np.linspace(0, n_local - 1, args.save_vis).round().astype(int).tolist()
+    t0, pos = time.time(), 0
+    for x, y in batches:  # the test split: one backbone pass per scale and flip
+        probs = predict_seg(net, heads, x.to(ctx.device), args, ctx)
+        for ft, pr in probs.items():
+            conf[ft] += confusion_matrix(pr.argmax(1).cpu(), y, num_classes, IGNORE)
+        pred = probs[args.feature_type[0]].argmax(1).cpu()
+        for b in (b for b in range(len(x)) if ctx.rank == 0 and pos + b in show):
+            save_vis(x[b], y[b], pred[b], os.path.join(run_dir, "vis", f"{show.index(pos + b):03d}.png"))
         pos += len(x)
-    feature_seconds += time.time() - t0  # the test pass: backbone (per scale) and head
-    conf = all_reduce_sum(conf, ctx)
-    return segmentation_metrics(conf) | {"labelled_pixels": int(conf.sum())}, feature_seconds
+    feature_seconds += time.time() - t0
+    out = {}
+    for ft, cm in conf.items():
+        cm = all_reduce_sum(cm, ctx)
+        out[ft] = segmentation_metrics(cm) | {"labelled_pixels": int(cm.sum())}
+    return out, feature_seconds
 
 
 def voc_palette():
-    """The Pascal VOC colour map (class bits spread over the high bits of R, G, B); 255 -> cream."""
+    """The Pascal VOC colour map (class bits spread over the high bits of R, G, B)."""
     pal = np.zeros((256, 3), np.uint8)
     for i in range(256):
         c = i
         for j in range(8):
-            pal[i] |= np.array([(c >> 0) & 1, (c >> 1) & 1, (c >> 2) & 1], np.uint8) << (7 - j)
+            pal[i] |= np.array([c & 1, (c >> 1) & 1, (c >> 2) & 1], np.uint8) << (7 - j)
             c >>= 3
     return pal
 
 
 def save_vis(x, y, pred, path):
-    """Figure 2: image | ground truth | prediction, side by side, in the VOC palette (255 = ignore, cream)."""
+    """Figure 2's material: image | ground truth | prediction, in the VOC palette (255: cream)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
-    img = ((x.cpu().float() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()  # (H, W, 3)
+    img = ((x.cpu().float() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
     pal = voc_palette()
-    Image.fromarray(np.concatenate([img, pal[y.numpy().astype(np.uint8)], pal[pred.numpy().astype(np.uint8)]], axis=1)).save(path)
+    panels = [img, pal[y.numpy().astype(np.uint8)], pal[pred.numpy().astype(np.uint8)]]
+    Image.fromarray(np.concatenate(panels, axis=1)).save(path)
 
 
-# -----------------------------------------------------------------------------
-# Benchmark (--bench): the cost of GRPO-RM against fine-tuning, on synthetic data of the run's shape
+# =============================================================================
+# Main: one run = data, model, post-training, evaluation, result.json
+
+def run(args, ctx):
+    """One experiment. Returns (result dict, the trained Net)."""
+    def load():  # rank 0 first: the hub's download and cache
+        torch.manual_seed(args.seed)  # a randomly initialised backbone: the same on every rank
+        return load_backbone(args.hub_repo, args.model, args.weights, args.hub_kwargs)
+
+    backbone = rank0_first(ctx, load)
+    patch = backbone.patch_size
+    args.img_size = args.img_size or default_img_size(DATASETS[args.dataset], patch)
+    if args.img_size % patch:
+        raise UserError(f"--img-size {args.img_size} is not a multiple of the patch size {patch}")
+    name = run_name(args)
+    run_dir = os.path.join(args.out, name)
+    if ctx.rank == 0:
+        check_writable(run_dir)
+    num_classes, train_set, train_eval, test = build_data(args, ctx)
+    net = build_net(prepare_backbone(backbone, not args.no_sdpa), args, num_classes, ctx.device)
+    if ctx.rank == 0:
+        print(f"{name}: {len(train_set)} train / {len(test)} test images, {num_classes} classes, "
+              f"{args.img_size} px, {ctx.world} process(es) on {ctx.device.type}, "
+              f"{str(ctx.amp_dtype)[6:]}", flush=True)
+    hist = {"train_loss": [], "sec_per_epoch": [], "series": {}}
+    if args.method != "frozen" and args.epochs > 0:
+        hist = train(args, ctx, net, train_set, run_dir)
+        if hist is None:
+            if ctx.rank == 0:
+                print(f"stopped after epoch {args.stop_after_epoch}; rerun with --resume to go on")
+            return None, net
+    metrics, eval_seconds, feature_seconds = evaluate(args, ctx, net, train_eval, test,
+                                                      num_classes, run_dir)
+    result = {"config": vars(args), "metrics": metrics, **hist, "eval_seconds": eval_seconds,
+              "feature_seconds": feature_seconds, "peak_memory_gb": peak_memory_gb(ctx.device),
+              "world_size": ctx.world, "device": device_name(ctx.device),
+              "torch": torch.__version__, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if ctx.rank == 0:
+        finish(run_dir, net, result, args.method != "frozen")
+    return result, net
+
+
+def evaluate(args, ctx, net, train_eval, test, num_classes, run_dir):
+    """The frozen post-trained backbone under a fresh head. A signal here ends the run at once
+    (the last checkpoint holds the trained model: --resume evaluates again)."""
+    def stop(signum, _):
+        raise RunStopped(f"stopped by {signal.Signals(signum).name} during evaluation; the "
+                         "trained model is in the checkpoint: rerun with --resume to evaluate")
+
+    restore, t0 = on_signals(stop), time.time()
+    spill = os.path.join(run_dir, f"cache-{ctx.rank}")  # features over --eval-memory-gb go here
+    if ctx.rank == 0:
+        print(f"evaluating: {args.eval_epochs} epochs of a fresh head on frozen features", flush=True)
+    try:
+        net.eval()
+        if args.task == "cls":
+            metrics, seconds = evaluate_cls(args, ctx, net, train_eval, test, num_classes, spill)
+        else:
+            metrics, seconds = evaluate_seg(args, ctx, net, train_eval, test, num_classes,
+                                            run_dir, spill)
+    finally:
+        restore()
+        shutil.rmtree(spill, ignore_errors=True)
+    return metrics, time.time() - t0, seconds
+
+
+def check_writable(run_dir):
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        write_json_atomic(os.path.join(run_dir, ".writable"), {})
+        os.remove(os.path.join(run_dir, ".writable"))
+    except OSError as e:
+        raise UserError(f"--out {os.path.dirname(run_dir)}: not writable ({e.strerror})") from None
+
+
+def finish(run_dir, net, result, trained):
+    """A finished run: the post-trained backbone (loadable with --weights), then result.json,
+    written last, so that a result on disk always means a finished run; the resume state goes."""
+    if trained:
+        atomic_save(os.path.join(run_dir, "backbone.pt"),
+                    lambda f: torch.save(net.backbone.state_dict(), f))
+    write_json_atomic(os.path.join(run_dir, "result.json"), result)
+    if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+        os.remove(os.path.join(run_dir, "ckpt.pt"))
+    print(f"{os.path.basename(run_dir)}: {describe(result['metrics'])}", flush=True)
+
+
+def describe(metrics, prefix=""):
+    """{"sr": 61.234} -> "sr 61.23"; {"linear": {"miou": 24.0}} -> "linear miou 24.00"."""
+    return ", ".join(describe(v, f"{prefix}{k} ") if isinstance(v, dict) else f"{prefix}{k} {v:.2f}"
+                     for k, v in metrics.items() if isinstance(v, (dict, float)))
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def peak_memory_gb(device):
+    """CUDA max-allocated on GPU; on CPU the process's peak resident set (VmHWM)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM")) / 2**20
+
+
+def main(argv=None):
+    """Returns (result, trained Net) of a run; (report text or bench result, None) for tooling."""
+    args = get_args(argv)
+    if args.report:
+        return report(args.report), None
+    ctx = setup(args)
+    try:
+        return (bench(args, ctx), None) if args.bench else run(args, ctx)
+    finally:
+        if ctx.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# =============================================================================
+# Tooling: --bench. The cost of GRPO-RM against fine-tuning on synthetic batches of a run's shape
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s, for MFU
 
 
-def rss_gb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+def linear_macs(model, x):
+    """Multiply-accumulates of the nn.Linear and nn.Conv2d layers in one forward of x: the unit of
+    the paper's Table 5 "FLOPs" (21.23 M per ViT-S/14 token; attention's q kᵀ and a v excluded)."""
+    total = 0
+
+    def count(m, inputs, out):
+        nonlocal total
+        per_output = (m.in_features if isinstance(m, nn.Linear)
+                      else m.in_channels // m.groups * math.prod(m.kernel_size))
+        total += out.numel() * per_output
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d))]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return total
 
 
-def bench_method(args, method, num_classes, queue):
-    """One method's step time, peak memory and FLOPs; runs in a child process of its own."""
+def reset_host_peak():
+    """Let VmHWM (the peak resident set) restart from the current size; Linux only."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def bench_method(args, ctx, method, num_classes):
+    """Step time, FLOPs and peak memory of one method, this process's share of the batch."""
     from torch.utils.flop_counter import FlopCounterMode
-    args.method = method
-    ctx = setup(args)
-    net = build_model(args, num_classes, ctx)
+    torch.manual_seed(args.seed)
+    backbone = prepare_backbone(load_backbone(args.hub_repo, args.model, args.weights,
+                                              args.hub_kwargs), not args.no_sdpa)
+    net = build_net(backbone, args, num_classes, ctx.device)
     old = make_old(net) if method == "grpo" else None
-    model, params, opt = prepare_training(args, ctx, net)
+    model, params, opt = prepare_training(net, args.compile, 1e-6, ctx)
     old = torch.compile(old) if args.compile and old is not None else old
-    B, S = args.batch_size, args.img_size
-    x = torch.randn(B, 3, S, S, device=ctx.device)
-    y = torch.randint(0, num_classes, (B, S, S) if args.task == "seg" else (B,), device=ctx.device)
-
-    lr = lr_range(args.lr, B)[0]
-
-    def step():
-        train_step(args, ctx, model, old, opt, params, x, y, lr, num_classes)
-
+    b, S = args.batch_size // ctx.world, args.img_size
+    x = torch.randn(b, 3, S, S, device=ctx.device)
+    y = torch.randint(0, num_classes, (b, S, S) if args.task == "seg" else (b,), device=ctx.device)
+    loss_fn = make_loss(argparse.Namespace(**{**vars(args), "method": method}))
+    step = functools.partial(train_step, model, old, opt, params, loss_fn, args.task == "seg",
+                             ctx, x, y, 1e-6)
     sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
-    base = rss_gb()
     for _ in range(args.bench_warmup):
         step()
     with FlopCounterMode(display=False) as counter:
         step()
     sync()
-    if ctx.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    if ctx.world > 1:
+        dist.barrier()
+    torch.cuda.reset_peak_memory_stats() if ctx.device.type == "cuda" else reset_host_peak()
     t0 = time.perf_counter()
     for _ in range(args.bench_steps):
         step()
     sync()
     dt = (time.perf_counter() - t0) / args.bench_steps
-    queue.put({"ms_per_step": 1e3 * dt, "img_per_s": B / dt, "flops_per_step": counter.get_total_flops(),
-               "peak_memory_gb": peak_memory_gb(ctx.device),
-               "memory_above_start_gb": None if ctx.device.type == "cuda" else peak_memory_gb(ctx.device) - base})
+    mem = all_reduce_sum(torch.tensor([peak_memory_gb(ctx.device)], dtype=torch.float64), ctx)
+    macs = linear_macs(net, x[:1]) * (2 if method == "grpo" else 1)  # θ_old: one more forward
+    return {"ms_per_step": 1e3 * dt, "img_per_s": args.batch_size / dt,
+            "flops_per_step": counter.get_total_flops() * ctx.world,
+            "fwd_macs_per_image": macs, "peak_memory_gb": peak_memory_gb(ctx.device),
+            "memory_sum_gb": mem.item()}
 
 
-def loader_speed(args, ctx, n_batches=10):
-    """Images/s of the real input pipeline (decoding + resizing + normalising), or None without data."""
-    if not os.path.isdir(args.data_dir):
-        return None
-    _, train_set, _, _ = build_data(args, ctx)
-    sampler = DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=0)
-    it, n = iter(epoch_loader(train_set, sampler, 0, 0, args, ctx)), 0
-    next(it)  # start the workers
-    t0 = time.perf_counter()
-    for _, (x, _) in zip(range(n_batches), it):
-        n += len(x.to(ctx.device))
-    return n / (time.perf_counter() - t0)
+def bench_loss(n, c, dtype, device, steps=10):
+    """The loss alone at a segmentation shape (n pixels, c classes), forward + backward: ms, bytes
+    saved for the backward, and (GPU) the peak allocated above the logits."""
+    g = torch.Generator(device=device).manual_seed(0)
+    z = torch.randn(n, c, device=device, generator=g).to(dtype).requires_grad_()
+    z_old = (z.detach().float() + 0.1 * torch.randn(n, c, device=device, generator=g)).to(dtype)
+    y = torch.randint(0, c, (n,), device=device, generator=g)
+    fns = {"ce": lambda: F.cross_entropy(z.float(), y), "grpo": lambda: grpo_rm_loss(z, z_old, y)}
+    cuda, out = device.type == "cuda", {}
+    for name, fn in fns.items():
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+            fn().backward()
+        for _ in range(2):
+            fn().backward()
+        torch.cuda.synchronize() if cuda else None
+        torch.cuda.reset_peak_memory_stats() if cuda else None
+        base, t0 = torch.cuda.memory_allocated() if cuda else 0, time.perf_counter()
+        for _ in range(steps):
+            z.grad = None
+            fn().backward()
+        torch.cuda.synchronize() if cuda else None
+        out[name] = {"ms": 1e3 * (time.perf_counter() - t0) / steps, "saved_bytes": sum(saved),
+                     "peak_gb": (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else None}
+    return {"n": n, "c": c, "dtype": str(dtype)[6:], "logit_bytes": z.numel() * z.element_size(),
+            **out}
 
 
-def bench(args):
-    import multiprocessing
-    mp = multiprocessing.get_context("spawn")
-    num_classes = args.num_classes or DATASETS[args.dataset].num_classes or 1000
+def bench(args, ctx):
+    """ce and grpo in turn, in this process (torchrun: one rank per GPU, the batch split as in
+    training), then the loss alone at the run's shape. Prints a table; writes OUT/bench-*.json."""
+    spec = DATASETS[args.dataset]
+    num_classes = args.num_classes or spec.classes
+    if not num_classes:
+        raise UserError(f"--bench --dataset {args.dataset} needs --num-classes")
+    patch = rank0_first(ctx, lambda: load_backbone(args.hub_repo, args.model, args.weights,
+                                                   args.hub_kwargs)).patch_size
+    args.img_size = args.img_size or default_img_size(spec, patch)
     rows = {}
     for method in ("ce", "grpo"):
-        queue = mp.Queue()
-        p = mp.Process(target=bench_method, args=(args, method, num_classes, queue))
-        p.start()
-        rows[method] = queue.get()
-        p.join()
-    ctx = setup(args)
-    dev = torch.cuda.get_device_name() if ctx.device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    peak = next((v for k, v in PEAK_BF16.items() if k in dev), None) if args.dtype != "fp32" else None
+        try:
+            rows[method] = bench_method(args, ctx, method, num_classes)
+        except torch.OutOfMemoryError:
+            raise UserError(f"--bench: {method} ran out of GPU memory at {args.batch_size // ctx.world}"
+                            " images per process; lower --batch-size") from None
+        torch.cuda.empty_cache() if ctx.device.type == "cuda" else None
+    b = args.batch_size // ctx.world
+    n = b * args.seg_size**2 if args.task == "seg" else b
+    loss = bench_loss(n, num_classes, ctx.amp_dtype, ctx.device, args.bench_steps)
+    dev = device_name(ctx.device)
+    peak = next((v for k, v in PEAK_BF16.items() if k in dev), None) if args.dtype == "bf16" else None
     for r in rows.values():
-        r["mfu"] = r["flops_per_step"] * r["img_per_s"] / args.batch_size / peak if peak else None
-    result = {"config": vars(args), "device": dev, "torch": torch.__version__, "methods": rows,
-              "loader_img_per_s": loader_speed(args, ctx), "date": time.strftime("%Y-%m-%d")}
-    print(f"{args.model} {args.task} {args.img_size}px batch {args.batch_size} {str(ctx.amp_dtype)[6:]} "
-          f"sdpa={not args.no_sdpa} compile={args.compile} on {dev}")
-    print("| method | ms/step | img/s | GFLOP/step | peak mem GB | mem above start GB | MFU |\n|---|---|---|---|---|---|---|")
-    for m, r in rows.items():
-        above = f"{r['memory_above_start_gb']:.3f}" if r["memory_above_start_gb"] is not None else "—"
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "—"
-        print(f"| {m} | {r['ms_per_step']:.1f} | {r['img_per_s']:.0f} | {r['flops_per_step'] / 1e9:.1f} | "
-              f"{r['peak_memory_gb']:.3f} | {above} | {mfu} |")
-    g, c = rows["grpo"], rows["ce"]
-    print(f"grpo/ce: time x{g['ms_per_step'] / c['ms_per_step']:.3f}, FLOPs x{g['flops_per_step'] / c['flops_per_step']:.3f}, "
-          f"peak memory x{g['peak_memory_gb'] / c['peak_memory_gb']:.3f}")
-    if result["loader_img_per_s"]:
-        print(f"input pipeline: {result['loader_img_per_s']:.0f} img/s vs model {c['img_per_s']:.0f} (ce) / "
-              f"{g['img_per_s']:.0f} (grpo) img/s -> the bottleneck is the "
-              f"{'loader' if result['loader_img_per_s'] < g['img_per_s'] else 'model'}")
-    os.makedirs(args.out, exist_ok=True)
-    write_json_atomic(os.path.join(args.out, f"bench-{args.task}-{args.dataset}-{args.model}-{args.img_size}px-"
-                                             f"b{args.batch_size}{'-compile' if args.compile else ''}"
-                                             f"{'-nosdpa' if args.no_sdpa else ''}.json"), result)
+        r["mfu"] = r["flops_per_step"] / (r["ms_per_step"] / 1e3) / (peak * ctx.world) if peak else None
+        r["fwd_macs_per_batch"] = r["fwd_macs_per_image"] * args.batch_size
+        steps = math.ceil(spec.images / args.batch_size) if spec.images else None
+        r["sec_per_epoch_paper"] = r["ms_per_step"] * steps / 1e3 if steps else None
+    result = {"config": vars(args), "device": dev, "world_size": ctx.world, "torch": torch.__version__,
+              "methods": rows, "loss": loss, "date": time.strftime("%Y-%m-%d")}
+    if ctx.rank == 0:
+        print("\n".join(bench_lines(result)))
+        os.makedirs(args.out, exist_ok=True)
+        tag = f"{'-compile' if args.compile else ''}{'-nosdpa' if args.no_sdpa else ''}"
+        write_json_atomic(os.path.join(args.out, f"bench-{args.task}-{args.dataset}-{args.model}-"
+                                       f"{args.img_size}px-b{args.batch_size}-w{ctx.world}{tag}.json"),
+                          result)
     return result
 
 
-# -----------------------------------------------------------------------------
-# Report (--report RUNS_DIR): the paper's tables and figures from the run JSONs, mean ± std over seeds
+def bench_lines(res):
+    c, rows, L = res["config"], res["methods"], res["loss"]
+    g, ce = rows["grpo"], rows["ce"]
+    out = [f"{c['model']} {c['task']} {c['img_size']} px, batch {c['batch_size']} over "
+           f"{res['world_size']} process(es), {c['dtype']}, compile {c['compile']}, on {res['device']}",
+           "| method | ms/step | img/s | GFLOP/step | fwd GMAC/batch | s/epoch (paper's set) | "
+           "peak GB/process | GB all processes | MFU |", "|---|---|---|---|---|---|---|---|---|"]
+    for m, r in rows.items():
+        sec = f"{r['sec_per_epoch_paper']:.1f}" if r["sec_per_epoch_paper"] else "—"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "—"
+        out.append(f"| {m} | {r['ms_per_step']:.1f} | {r['img_per_s']:.0f} | "
+                   f"{r['flops_per_step'] / 1e9:.1f} | {r['fwd_macs_per_batch'] / 1e9:.1f} | {sec} | "
+                   f"{r['peak_memory_gb']:.3f} | {r['memory_sum_gb']:.3f} | {mfu} |")
+    out.append(f"grpo/ce: time x{g['ms_per_step'] / ce['ms_per_step']:.3f}, FLOPs "
+               f"x{g['flops_per_step'] / ce['flops_per_step']:.3f}, peak memory "
+               f"x{g['peak_memory_gb'] / ce['peak_memory_gb']:.3f}")
+    out.append(f"loss alone, N = {L['n']} x c = {L['c']} ({L['dtype']} logits, "
+               f"{L['logit_bytes'] / 2**20:.1f} MiB): " + " | ".join(
+                   f"{m} {L[m]['ms']:.2f} ms, saved {L[m]['saved_bytes'] / L['logit_bytes']:.2f}x"
+                   f" the logits" + (f", peak {L[m]['peak_gb']:.3f} GB" if L[m]["peak_gb"] else "")
+                   for m in ("ce", "grpo")) +
+               f" | grpo/ce saved bytes x{L['grpo']['saved_bytes'] / L['ce']['saved_bytes']:.2f}")
+    return out
 
-METHODS = [("frozen", "DINOv2 (frozen)"), ("ce", "Fine-tuning"), ("grpo", "GRPO-RM")]
-UNIFORMITY_NAMES = [("none", "set to 0"), ("eq5", "Eq. (5)"), ("eq4", "Eq. (4) (GRPO-RM)")]
+
+# =============================================================================
+# Tooling: --report RUNS_DIR. The paper's tables and figures from the runs' result.json files
+
+METHODS = {"frozen": "DINOv2 (frozen)", "ce": "Fine-tuning", "grpo": "GRPO-RM"}
+UNIFORMITY_NAMES = {"none": "set to 0", "eq5": "Eq. (5)", "eq4": "Eq. (4) (GRPO-RM)"}
+SEG_METRICS, CLS_METRICS = ("pixel_acc", "iou", "miou"), ("sr", "knn")
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086)  # Student's t 0.975, df 1..20
+
+
+@dataclass(frozen=True, order=True)
+class Key:
+    """What makes runs one group (they differ by seed only)."""
+    task: str
+    data: str
+    method: str
+    uniformity: str
+    subset: float
+    lr: float
+    eval_lr: float
 
 
 def data_label(cfg):
     folder = cfg["dataset"] in ("imagefolder", "vocfolder")
-    return f"{cfg['dataset']}:{os.path.basename(os.path.normpath(cfg['data_dir']))}" if folder else cfg["dataset"]
-
-
-def cell(values, best=False):
-    """'mean ± std' over seeds (sample std; a single run shows its value), bold if best, '—' if none."""
-    if not values:
-        return "—"
-    m = float(np.mean(values))
-    text = f"{m:.2f} ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{m:.2f}"
-    return f"**{text}**" if best else text
-
-
-def table(title, header, blocks, bold=None):
-    """blocks: [(row label prefix, [(row name, [values per column])])]; in the columns marked in `bold`
-    (default: all), the best (highest) mean of each block is bolded."""
-    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for prefix, rows in blocks:
-        means = [[np.mean(v) if v else -np.inf for v in vals] for _, vals in rows]
-        best = np.max(means, axis=0) if rows else []
-        for (name, vals), ms in zip(rows, means):
-            cells = [cell(v, bool(v) and m == b and sum(1 for r in means if r[k] > -np.inf) > 1
-                          and (bold is None or bold[k])) for k, (v, m, b) in enumerate(zip(vals, ms, best))]
-            lines.append(f"| {prefix} | {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + [""])
-
-
-def draw_curves(path, panels):
-    """A small line chart with PIL (no plotting library): one panel per (title, {label: ys})."""
-    from PIL import ImageDraw
-    W, H, pad = 420, 260, 44
-    img = Image.new("RGB", (W * len(panels), H), "white")
-    d = ImageDraw.Draw(img)
-    for j, (title, series) in enumerate(panels):
-        ys_all = [y for ys in series.values() for y in ys]
-        lo, hi = min(ys_all), max(ys_all)
-        hi = hi if hi > lo else lo + 1
-        x0, y0, x1, y1 = j * W + pad, pad, (j + 1) * W - 10, H - pad
-        d.rectangle((x0, y0, x1, y1), outline="black")
-        d.text((x0, 12), title, fill="black")
-        d.text((j * W + 4, y0), f"{hi:.3g}", fill="black")
-        d.text((j * W + 4, y1 - 10), f"{lo:.3g}", fill="black")
-        d.text(((x0 + x1) // 2 - 15, y1 + 8), "epoch", fill="black")
-        n = max(len(ys) for ys in series.values())
-        d.text((x0, y1 + 8), "1", fill="black")
-        d.text((x1 - 12, y1 + 8), str(n), fill="black")
-        for k, (label, ys) in enumerate(series.items()):
-            color = {"ce": (31, 119, 180), "grpo": (214, 39, 40)}.get(label, (44, 160, 44))
-            pts = [(x0 + (x1 - x0) * i / max(1, len(ys) - 1), y1 - (y1 - y0) * (y - lo) / (hi - lo)) for i, y in enumerate(ys)]
-            d.line(pts, fill=color, width=2) if len(pts) > 1 else d.ellipse((pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2), fill=color)
-            d.text((x1 - 70, y0 + 6 + 12 * k), label, fill=color)
-    img.save(path)
+    return f"{cfg['dataset']}:{os.path.basename(os.path.normpath(cfg['data_dir']))}" if folder \
+        else cfg["dataset"]
 
 
 def load_groups(root):
-    """RUNS_DIR/*/result.json grouped by configuration: (task, data, method, uniformity, feature type,
-    subset) -> [result per seed]; each result also records its folder."""
+    """RUNS_DIR/*/result.json -> {Key: {seed: result}}; each result also records its folder."""
     groups = {}
     for f in sorted(glob.glob(os.path.join(root, "*", "result.json"))):
         r = json.load(open(f))
-        r["dir"], c = os.path.dirname(f), r["config"]
-        key = (c["task"], data_label(c), c["method"], c["uniformity"] if c["method"] == "grpo" else "",
-               c["feature_type"] if c["task"] == "seg" else "", c["subset"])
-        groups.setdefault(key, []).append(r)
+        c, r["dir"] = r["config"], os.path.dirname(f)
+        key = Key(c["task"], data_label(c), c["method"], c["uniformity"] if c["method"] == "grpo"
+                  else "", c["subset"], 0.0 if c["method"] == "frozen" else c["lr"], c["eval_lr"])
+        groups.setdefault(key, {})[c["seed"]] = r
     return groups
 
 
-def paper_tables(groups):
-    """Tables 3, 2/4 and 6, shaped like the paper's."""
-    def vals(task, data, method, metric, uni="eq4", ft="", subset=1.0, field="metrics"):
-        rs = groups.get((task, data, method, uni if method == "grpo" else "", ft, subset), [])
-        return [r["metrics"][metric] if field == "metrics" else float(np.mean(r[field])) for r in rs if r[field]]
+def values(runs, metric, ft=None):
+    """{seed: value} of a metric (ft: the segmentation feature type)."""
+    return {s: (r["metrics"][ft] if ft else r["metrics"])[metric] for s, r in runs.items()
+            if ft is None or ft in r["metrics"]}
 
-    out, cls_data = [], sorted({k[1] for k in groups if k[0] == "cls"})
-    if cls_data:
-        out.append(table("Table 3: classification (SR, kNN top-1 %)", ["Dataset", "Method", "SR", "kNN"],
-                         [(d, [(name, [vals("cls", d, m, "sr"), vals("cls", d, m, "knn")]) for m, name in METHODS])
-                          for d in cls_data]))
-    for d in sorted({k[1] for k in groups if k[0] == "seg"}):
-        subsets = sorted({k[5] for k in groups if k[:2] == ("seg", d)})  # e.g. 0.1 (the paper's "10%") and 1
-        blocks = [({"linear": "Linear", "ms": "Multi Scale"}[ft],
-                   [(f"{name}{f' ({100 * sub:g}%)' if sub < 1 else ''}",
-                     [vals("seg", d, m, k, ft=ft, subset=sub) for k in ("pixel_acc", "iou", "miou")])
-                    for m, name in METHODS for sub in ((1.0,) if m == "frozen" else subsets)])
-                  for ft in sorted({k[4] for k in groups if k[:2] == ("seg", d)}, key=["linear", "ms"].index)]
-        out.append(table(f"Tables 2/4: segmentation on {d} (%, IoU = frequency-weighted IoU)",
-                         ["Feature type", "Method", "Pixel Acc", "IoU", "mIoU"], blocks))
-    ablation = sorted({(k[0], k[1]) for k in groups if k[2] == "grpo" and k[3] != "eq4"})
-    if ablation:
-        blocks = [(d, [(name, [vals(t, d, "grpo", "sr" if t == "cls" else "pixel_acc", u, ft),
-                               vals(t, d, "grpo", None, u, ft, field="sec_per_epoch")]) for u, name in UNIFORMITY_NAMES])
-                  for t, d in ablation for ft in ["linear" if t == "seg" else ""]]
-        out.append(table("Table 6: uniformity reward (SR % for classification, pixel acc % for segmentation; s/epoch)",
-                         ["Dataset", "Uniformity reward", "Accuracy", "s/epoch"], blocks, bold=[True, False]))
+
+def main_key(groups, task, data, method, uniformity="eq4", subset=1.0):
+    """The group a paper-shaped table shows for this method: the setting with the most seeds."""
+    keys = [k for k in groups if (k.task, k.data, k.method, k.subset) == (task, data, method, subset)
+            and k.uniformity == (uniformity if method == "grpo" else "")]
+    return max(keys, key=lambda k: (len(groups[k]), k.lr, k.eval_lr), default=None)
+
+
+def cell(vals, best=False):
+    """'mean ± std' over seeds (sample std; one run: its value), bold when best, '—' when none."""
+    if not vals:
+        return "—"
+    v = list(vals.values()) if isinstance(vals, dict) else vals
+    text = f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+    return f"**{text}**" if best else text
+
+
+def table(title, header, rows):
+    """rows: [(first cells, [{seed: value} per metric column])]; within each block of rows that
+    share the first cell, the best mean of each column is bold."""
+    out = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for block in sorted({r[0][0] for r in rows}, key=[r[0][0] for r in rows].index):
+        mine = [r for r in rows if r[0][0] == block]
+        means = np.array([[np.mean(list(v.values())) if v else -np.inf for v in vals]
+                          for _, vals in mine])
+        for (first, vals), m in zip(mine, means):
+            best = [len(mine) > 1 and np.isfinite(x) and x == means[:, j].max()
+                    and (means[:, j] > -np.inf).sum() > 1 for j, x in enumerate(m)]
+            out.append("| " + " | ".join([*first, *(cell(v, b) for v, b in zip(vals, best))]) + " |")
+    return out + [""]
+
+
+def paper_tables(groups):
+    """Tables 3, 2/4 and 6, shaped like the paper's, from the main group of each method."""
+    def runs(*a, **kw):
+        k = main_key(groups, *a, **kw)
+        return groups[k] if k else {}
+
+    out, cls = [], sorted({k.data for k in groups if k.task == "cls"})
+    rows = [((d, name), [values(runs("cls", d, m), x) for x in CLS_METRICS])
+            for d in cls for m, name in METHODS.items()]
+    out += table("Table 3: classification, top-1 % (SR = softmax regression)",
+                 ["Dataset", "Method", "SR", "kNN"], rows) if cls else []
+    for d in sorted({k.data for k in groups if k.task == "seg"}):
+        subs = sorted({k.subset for k in groups if k.data == d and k.method != "frozen"})
+        fts = [ft for ft in ("linear", "ms") if any(ft in r["metrics"] for k, g in groups.items()
+                                                   if k.data == d for r in g.values())]
+        rows = [((ft, name + (f" ({100 * s:g}%)" if s < 1 else "")),
+                 [values(runs("seg", d, m, subset=s), x, ft) for x in SEG_METRICS])
+                for ft in fts for m, name in METHODS.items() for s in ([1.0] if m == "frozen" else subs)]
+        out += table(f"Tables 2/4: segmentation on {d}, % (IoU: frequency-weighted)",
+                     ["Feature type", "Method", "Pixel Acc", "IoU", "mIoU"], rows)
+    ablation = sorted({(k.task, k.data) for k in groups if k.uniformity in ("eq5", "none")})
+    rows = [((d, name), [values(runs(t, d, "grpo", u), "sr" if t == "cls" else "pixel_acc",
+                                None if t == "cls" else "linear"),
+                         {s: float(np.mean(r["sec_per_epoch"])) for s, r in runs(t, d, "grpo", u).items()
+                          if r["sec_per_epoch"]}])
+            for t, d in ablation for u, name in UNIFORMITY_NAMES.items()]
+    out += table("Table 6: uniformity reward (SR % for cls, linear pixel acc % for seg; s/epoch)",
+                 ["Dataset", "Uniformity reward", "Accuracy", "s/epoch"], rows) if rows else []
+    return out
+
+
+def paired_ci(a, b):
+    """Mean of the differences a[s] - b[s] over the seeds s of both, with its 95% confidence
+    interval (Student's t, n - 1 degrees of freedom). -> (mean, low, high, n) or None."""
+    d = np.array([a[s] - b[s] for s in sorted(set(a) & set(b))])
+    if len(d) < 2:
+        return None
+    half = (T975[len(d) - 2] if len(d) <= 21 else 1.96) * d.std(ddof=1) / math.sqrt(len(d))
+    return d.mean(), d.mean() - half, d.mean() + half, len(d)
+
+
+def paired_table(groups):
+    """GRPO-RM minus fine-tuning per dataset, paired by seed (same seed: same subset, same head
+    initialisation): at every learning rate both ran, and with each method at its best lr."""
+    out = ["### GRPO-RM − fine-tuning, paired by seed: mean [95% CI] (n seeds)", "",
+           "| Dataset | Setting | Metric | GRPO-RM − FT |", "|---|---|---|---|"]
+    for t, d in sorted({(k.task, k.data) for k in groups}):
+        metrics = [(x, None) for x in CLS_METRICS] if t == "cls" else [
+            (x, ft) for ft in ("linear", "ms") for x in SEG_METRICS]
+        lead = metrics[0] if t == "cls" else ("miou", "linear")
+        ce = {k.lr: k for k in groups if (k.task, k.data, k.method, k.subset) == (t, d, "ce", 1.0)}
+        gr = {k.lr: k for k in groups if (k.task, k.data, k.method, k.subset, k.uniformity)
+              == (t, d, "grpo", 1.0, "eq4")}
+        best = {m: max(ks.values(), key=lambda k: np.mean(list(values(groups[k], *lead).values())
+                                                          or [-1]))
+                for m, ks in (("ce", ce), ("grpo", gr)) if ks}
+        pairs = [(f"lr {lr:g}", gr[lr], ce[lr]) for lr in sorted(set(ce) & set(gr), reverse=True)]
+        if len(ce) > 1 or len(gr) > 1:
+            pairs.append((f"best lr: {best['grpo'].lr:g} vs {best['ce'].lr:g}", best["grpo"],
+                          best["ce"]))
+        for name, kg, kc in pairs:
+            for x, ft in metrics:
+                ci = paired_ci(values(groups[kg], x, ft), values(groups[kc], x, ft))
+                if ci:
+                    out.append(f"| {d} | {name} | {(ft + ' ') if ft else ''}{x} | {ci[0]:+.2f} "
+                               f"[{ci[1]:+.2f}, {ci[2]:+.2f}] ({ci[3]}) |")
+    return out + [""] if len(out) > 4 else []
+
+
+def settings_table(groups):
+    """Every setting of every dataset that has more than one (an lr sweep, other eval lrs)."""
+    out = []
+    for t, d in sorted({(k.task, k.data) for k in groups}):
+        keys = sorted((k for k in groups if (k.task, k.data) == (t, d)), key=lambda k: (
+            list(METHODS).index(k.method), k.uniformity, k.subset, -k.lr, -k.eval_lr))
+        if len(keys) <= len({(k.method, k.uniformity, k.subset) for k in keys}):
+            continue
+        ms = [(x, None) for x in CLS_METRICS] if t == "cls" else [(x, "linear") for x in SEG_METRICS]
+        rows = [((METHODS[k.method] + (f" {k.uniformity}" if k.uniformity not in ("", "eq4") else "")
+                  + (f" ({100 * k.subset:g}%)" if k.subset < 1 else ""),
+                  "—" if k.method == "frozen" else f"{k.lr:g}", f"{k.eval_lr:g}"),
+                 [values(groups[k], x, ft) for x, ft in ms]) for k in keys]
+        out += table(f"Every setting on {d}" + (" (linear features)" if t == "seg" else ""),
+                     ["Method", "lr", "eval lr", *(x for x, _ in ms)], rows)
     return out
 
 
 def bench_table(benches):
-    """Table 5 from --bench results: cost per step of ce vs grpo, and the ratios."""
-    out = ["### Table 5: cost per training step, ce vs grpo (--bench, synthetic data)", "",
-           "| Dataset | Model | Setting | Device | Method | ms/step | GFLOP/step | Peak memory GB | grpo/ce time | grpo/ce memory |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    """Table 5 from --bench results, in the paper's units (forward MACs of the linear layers per
+    batch; seconds per epoch of its training set; memory summed over GPUs) and in ours."""
+    out = ["### Table 5: cost of a training step, fine-tuning vs GRPO-RM (--bench, synthetic data)",
+           "", "| Dataset | Model | Setting | Device | Method | fwd GMAC/batch | s/epoch | "
+           "GB summed | ms/step | GFLOP/step | GB/process | grpo/ce time | grpo/ce memory |",
+           "|" + "---|" * 13]
     for b in benches:
         c, ce, g = b["config"], b["methods"]["ce"], b["methods"]["grpo"]
         kw = {k: v for k, v in c.get("hub_kwargs", {}).items() if k != "pretrained"}
         model = c["model"] + (f" ({', '.join(f'{k} {v}' for k, v in kw.items())})" if kw else "")
-        setting = f"{c['img_size']} px, batch {c['batch_size']}, {c['dtype'] or 'default dtype'}{', compile' if c['compile'] else ''}"
+        setting = (f"{c['img_size']} px, batch {c['batch_size']}, {c['dtype']}"
+                   f"{', compile' if c['compile'] else ''}")
         for m, r in b["methods"].items():
-            ratio = (f"x{g['ms_per_step'] / ce['ms_per_step']:.3f} | x{g['peak_memory_gb'] / ce['peak_memory_gb']:.3f}"
-                     if m == "grpo" else " | ")
-            out.append(f"| {data_label(c)} | {model} | {setting} | {b['device']} | {m} | "
-                       f"{r['ms_per_step']:.1f} | {r['flops_per_step'] / 1e9:.1f} | {r['peak_memory_gb']:.2f} | {ratio} |")
+            ratio = (f"x{g['ms_per_step'] / ce['ms_per_step']:.3f} | "
+                     f"x{g['peak_memory_gb'] / ce['peak_memory_gb']:.3f}" if m == "grpo" else " | ")
+            sec = f"{r['sec_per_epoch_paper']:.1f}" if r.get("sec_per_epoch_paper") else "—"
+            out.append(f"| {c['dataset']} | {model} | {setting} | {b['device']} × {b['world_size']} | "
+                       f"{m} | {r['fwd_macs_per_batch'] / 1e9:.1f} | {sec} | {r['memory_sum_gb']:.2f} | "
+                       f"{r['ms_per_step']:.1f} | {r['flops_per_step'] / 1e9:.1f} | "
+                       f"{r['peak_memory_gb']:.2f} | {ratio} |")
     return out + [""]
 
 
-def fig3_curves(root, groups):
-    """Figure 3: training loss per epoch, ce vs grpo, mean over seeds -> CSV and PNG per dataset."""
-    out = []
-    for d in sorted({k[1] for k in groups if k[2] in ("ce", "grpo") and k[5] == 1.0}):
-        series = {}
-        for m in ("ce", "grpo"):
-            hist = [r["train_loss"] for k, rs in groups.items() if k[1] == d and k[2] == m and k[3] in ("", "eq4")
-                    and k[4] in ("", "linear") and k[5] == 1.0 for r in rs if r["train_loss"]]
-            n = min((len(h) for h in hist), default=0)
-            if n:
-                series[m] = np.array([h[:n] for h in hist])  # (seeds, epochs)
-        if not series:
+def font(size):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def put_text(d, xy, s, f, anchor="lt", fill="black"):
+    """Text anchored l/m/r horizontally and t/m/b vertically (works with any PIL font)."""
+    l, t, r, b = d.textbbox((0, 0), s, font=f)
+    x = xy[0] - {"l": 0, "m": (r - l) / 2, "r": r - l}[anchor[0]] - l
+    y = xy[1] - {"t": 0, "m": (b - t) / 2, "b": b - t}[anchor[1]] - t
+    d.text((x, y), s, font=f, fill=fill)
+
+
+def nice_ticks(lo, hi, n=5):
+    """About n round values covering [lo, hi]."""
+    raw = (hi - lo) / n if hi > lo else 1.0
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 5, 10) if m * step >= raw)
+    return [t for t in np.arange(math.floor(lo / step) * step, hi + step, step) if lo <= t <= hi]
+
+
+def chart(d, box, title, xlabel, ylabel, lines, xgrid=()):
+    """A line chart in box (the plot area) of the ImageDraw d: axes with tick values, vertical grid
+    lines at xgrid, one line per {label: (xs, ys, colour)}, and a legend."""
+    f, (x0, y0, x1, y1) = font(13), box
+    xs = np.concatenate([v[0] for v in lines.values()])
+    ys = np.concatenate([v[1] for v in lines.values()])
+    xlo, xhi, ylo, yhi = xs.min(), xs.max(), ys.min(), ys.max()
+    pad = (yhi - ylo) * 0.05 or 0.5
+    ylo, yhi, xhi = ylo - pad, yhi + pad, xhi if xhi > xlo else xlo + 1
+
+    def X(v):
+        return x0 + (x1 - x0) * (v - xlo) / (xhi - xlo)
+
+    def Y(v):
+        return y1 - (y1 - y0) * (v - ylo) / (yhi - ylo)
+
+    for g in xgrid:
+        d.line([(X(g), y0), (X(g), y1)], fill=(228, 228, 228))
+    for t in nice_ticks(ylo, yhi):
+        d.line([(x0 - 4, Y(t)), (x0, Y(t))], fill="black")
+        put_text(d, (x0 - 7, Y(t)), f"{t:.4g}", f, "rm")
+    for t in nice_ticks(xlo, xhi, 8):
+        d.line([(X(t), y1), (X(t), y1 + 4)], fill="black")
+        put_text(d, (X(t), y1 + 7), f"{t:g}", f, "mt")
+    for label, (x, y, colour) in lines.items():
+        d.line([(X(a), Y(b)) for a, b in zip(x, y)], fill=colour, width=1)
+    d.rectangle(box, outline="black")
+    put_text(d, ((x0 + x1) / 2, y0 - 22), title, font(15), "mb")
+    put_text(d, ((x0 + x1) / 2, y1 + 26), xlabel, f, "mt")
+    put_text(d, (x0 - 7, y0 - 6), ylabel, f, "rb")
+    for i, (label, (_, _, colour)) in enumerate(lines.items()):
+        put_text(d, (x1 - 8, y0 + 8 + 16 * i), label, f, "rt", colour)
+
+
+def mean_series(runs, key):
+    """The per-step series `key`, averaged over seeds (truncated to the shortest)."""
+    ss = [r["series"][key] for r in runs.values() if r.get("series", {}).get(key)]
+    n = min(map(len, ss), default=0)
+    return np.array([s[:n] for s in ss]) if n else None  # (seeds, steps)
+
+
+def figure3(root, groups):
+    """Figure 3 from the per-step series: both methods' training loss and GRPO-RM's clip fraction
+    over the epochs (an epoch grid; GRPO-RM's loss restarts at 0 with every θ_old), CSV beside."""
+    out, blue, red = [], (31, 119, 180), (214, 39, 40)
+    for t, d in sorted({(k.task, k.data) for k in groups}):
+        kc, kg = main_key(groups, t, d, "ce"), main_key(groups, t, d, "grpo")
+        if not (kc and kg):
             continue
+        ce, gr = mean_series(groups[kc], "loss"), mean_series(groups[kg], "loss")
+        clip = mean_series(groups[kg], "clip_frac")
+        if ce is None or gr is None or clip is None:
+            continue
+        per_epoch = len(gr[0]) / len(next(iter(groups[kg].values()))["train_loss"])
+        ep = lambda a: (np.arange(a.shape[1]) + 1) / per_epoch  # noqa: E731  step -> epoch
+        zoom = gr[:, :int(3 * per_epoch)]
+        grid = np.arange(0, ep(gr)[-1] + 1, max(1, round(ep(gr)[-1] / 25)))
+        panels = [("Fine-tuning: cross-entropy loss per step", {"ce": (ep(ce), ce.mean(0), blue)}),
+                  ("GRPO-RM: -J per step", {"grpo": (ep(gr), gr.mean(0), red)}),
+                  ("GRPO-RM: -J per step, epochs 1-3", {"grpo": (ep(zoom), zoom.mean(0), red)}),
+                  ("GRPO-RM: fraction of clipped terms per step", {"grpo": (ep(clip), clip.mean(0), red)})]
+        img = Image.new("RGB", (1700, 760), "white")
+        draw = __import__("PIL.ImageDraw", fromlist=["Draw"]).Draw(img)
+        for i, (title, lines) in enumerate(panels):
+            x0, y0 = 90 + 850 * (i % 2), 60 + 380 * (i // 2)
+            chart(draw, (x0, y0, x0 + 730, y0 + 260), title, "epoch", "value", lines,
+                  np.arange(0, 4) if i == 2 else grid)
         name = d.replace(":", "_")
+        img.save(os.path.join(root, f"fig3_{name}.png"))
+        rows = [ep(gr), gr.mean(0), gr.std(0), clip.mean(0)]
+        n = min(len(ce[0]), len(gr[0]))
         with open(os.path.join(root, f"fig3_{name}.csv"), "w") as f:
-            f.write("epoch," + ",".join(f"{m}_mean,{m}_std" for m in series) + "\n")
-            for e in range(max(a.shape[1] for a in series.values())):
-                f.write(f"{e + 1}," + ",".join(f"{a[:, e].mean():.6f},{a[:, e].std():.6f}" if e < a.shape[1] else ","
-                                                for a in series.values()) + "\n")
-        draw_curves(os.path.join(root, f"fig3_{name}.png"),
-                    [(f"{d}: {m} training loss", {m: a.mean(0).tolist()}) for m, a in series.items()])
-        out.append(f"Figure 3 ({d}): fig3_{name}.csv, fig3_{name}.png")
+            f.write("step,epoch,ce_loss_mean,ce_loss_std,grpo_loss_mean,grpo_loss_std,"
+                    "grpo_clip_frac_mean\n")
+            for s in range(n):
+                f.write(f"{s + 1},{rows[0][s]:.4f},{ce[:, s].mean():.6f},{ce[:, s].std():.6f},"
+                        f"{rows[1][s]:.6f},{rows[2][s]:.6f},{rows[3][s]:.6f}\n")
+        out.append(f"Figure 3 ({d}): fig3_{name}.png, fig3_{name}.csv "
+                   f"({len(groups[kc])} + {len(groups[kg])} seeds)")
     return out
 
 
-def fig2_grid(root, groups):
-    """Figure 2: rows of image | truth | frozen | fine-tuning | GRPO-RM from the runs' --save-vis PNGs."""
+def figure2(root, groups, tile=160):
+    """Figure 2: image | truth | frozen | fine-tuning | GRPO-RM, from the --save-vis PNGs of each
+    method's first seed, tiles upsampled (nearest) to tile px, under column titles."""
     out = []
-    for d in sorted({k[1] for k in groups if k[0] == "seg"}):
+    for d in sorted({k.data for k in groups if k.task == "seg"}):
         pngs = {}
-        for m, _ in METHODS:  # the first seed's run of each method, linear features, full data
-            runs = groups.get(("seg", d, m, "eq4" if m == "grpo" else "", "linear", 1.0), [])
-            pngs[m] = sorted(glob.glob(os.path.join(runs[0]["dir"], "vis", "*.png"))) if runs else []
+        for m in METHODS:
+            k = main_key(groups, "seg", d, m)
+            first = groups[k][min(groups[k])]["dir"] if k else None
+            pngs[m] = sorted(glob.glob(os.path.join(first, "vis", "*.png"))) if first else []
         n = min(len(p) for p in pngs.values())
         if not n:
             continue
-        rows = []
+        titles = ["image", "truth", "frozen", "fine-tuning", "GRPO-RM"]
+        img = Image.new("RGB", (tile * 5, 28 + tile * n), "white")
+        draw = __import__("PIL.ImageDraw", fromlist=["Draw"]).Draw(img)
+        for j, t in enumerate(titles):
+            put_text(draw, (tile * j + tile / 2, 14), t, font(15), "mm")
         for i in range(n):
-            ims = {m: np.array(Image.open(p[i]).convert("RGB")) for m, p in pngs.items()}
-            w = ims["frozen"].shape[1] // 3  # each PNG is image | truth | prediction
-            rows.append(np.concatenate([ims["frozen"]] + [ims[m][:, 2 * w:] for m in ("ce", "grpo")], axis=1))
+            ims = {m: Image.open(p[i]).convert("RGB") for m, p in pngs.items()}
+            w, h = ims["frozen"].size[0] // 3, ims["frozen"].size[1]
+            crops = [ims["frozen"].crop((0, 0, w, h)), ims["frozen"].crop((w, 0, 2 * w, h))]
+            crops += [ims[m].crop((2 * w, 0, 3 * w, h)) for m in METHODS]
+            for j, c in enumerate(crops):
+                img.paste(c.resize((tile, tile), Image.NEAREST), (tile * j, 28 + tile * i))
         name = f"fig2_{d.replace(':', '_')}.png"
-        Image.fromarray(np.concatenate(rows, axis=0)).save(os.path.join(root, name))
+        img.save(os.path.join(root, name))
         out.append(f"Figure 2 ({d}): {name} (image | truth | frozen | fine-tuning | GRPO-RM)")
     return out
 
@@ -1317,10 +1899,10 @@ def report(root):
     benches = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(root, "bench-*.json")))]
     if not groups and not benches:
         raise UserError(f"--report {root}: no */result.json or bench-*.json there")
-    n = sum(len(v) for v in groups.values())
-    out = [f"# Results in {root}", "", f"{n} runs; mean ± std over seeds; best per dataset in bold.", ""]
-    out += paper_tables(groups) + (bench_table(benches) if benches else [])
-    out += fig3_curves(root, groups) + fig2_grid(root, groups)
+    n = sum(len(g) for g in groups.values())
+    out = [f"# Results in {root}", "", f"{n} runs; mean ± sample std over seeds; best in bold.", ""]
+    out += paper_tables(groups) + paired_table(groups) + settings_table(groups)
+    out += (bench_table(benches) if benches else []) + figure3(root, groups) + figure2(root, groups)
     text = "\n".join(out) + "\n"
     with open(os.path.join(root, "report.md"), "w") as f:
         f.write(text)
@@ -1328,79 +1910,11 @@ def report(root):
     return text
 
 
-# -----------------------------------------------------------------------------
-# Main
-
-def write_json_atomic(path, obj):
-    atomic_save(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (whole process)
-
-
-def main(argv=None):
-    """Run one experiment. Returns (result dict, trained Net)."""
-    args = get_args(argv)
-    if args.report:
-        return report(args.report), None
-    if args.bench:
-        return bench(args), None
-    ctx = setup(args)
-    try:
-        name = run_name(args)
-        run_dir = os.path.join(args.out, name)
-        if ctx.rank == 0:
-            try:
-                os.makedirs(run_dir, exist_ok=True)
-                write_json_atomic(os.path.join(run_dir, ".writable"), {})
-                os.remove(os.path.join(run_dir, ".writable"))
-            except OSError as e:
-                raise UserError(f"--out {args.out}: not writable ({e.strerror})") from None
-        num_classes, train_set, train_eval, test = build_data(args, ctx)
-        net = build_model(args, num_classes, ctx)
-        if ctx.rank == 0:
-            print(f"{name}: {len(train_set)} train / {len(test)} test images, {num_classes} classes, "
-                  f"{ctx.world} process(es) on {ctx.device.type}, {str(ctx.amp_dtype)[6:]}", flush=True)
-        hist = {"train_loss": [], "sec_per_epoch": []}
-        if args.method != "frozen" and args.epochs > 0:
-            hist = train(args, ctx, net, train_set, num_classes, run_dir)
-            if hist is None:
-                if ctx.rank == 0:
-                    print(f"stopped after epoch {args.stop_after_epoch}; rerun with --resume to go on", flush=True)
-                return None, net
-        t0 = time.time()
-        net.eval()
-        if args.task == "cls":
-            metrics, feature_seconds = evaluate_cls(args, ctx, net, train_eval, test, num_classes)
-        else:
-            metrics, feature_seconds = evaluate_seg(args, ctx, net, train_eval, test, num_classes, run_dir)
-        result = {"config": vars(args), "metrics": metrics, **hist, "eval_seconds": time.time() - t0,
-                  "feature_seconds": feature_seconds,
-                  "peak_memory_gb": peak_memory_gb(ctx.device), "world_size": ctx.world,
-                  "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
-                  "torch": torch.__version__, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        if ctx.rank == 0:
-            if args.method != "frozen":  # the post-trained DINOv2, loadable again with --weights
-                atomic_save(os.path.join(run_dir, "backbone.pt"), lambda f: torch.save(net.backbone.state_dict(), f))
-            write_json_atomic(os.path.join(run_dir, "result.json"), result)  # only a finished run has one
-            if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
-                os.remove(os.path.join(run_dir, "ckpt.pt"))  # finished: the resume state is no longer needed
-            print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)),
-                  flush=True)
-        return result, net
-    finally:
-        if ctx.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
 if __name__ == "__main__":
     try:
         main()
     except UserError as e:
-        # A UserError raised in a DataLoader worker arrives wrapped, with the worker's traceback as text.
+        # A UserError raised in a DataLoader worker arrives wrapped, its traceback as text.
         msg = str(e).strip().splitlines()[-1]
         print(f"error: {msg.split('UserError: ', 1)[-1]}", file=sys.stderr)
         sys.exit(2)
