@@ -584,22 +584,21 @@ def mlp_head(in_dim, hidden, num_classes):
 
 class SegHead(nn.Module):
     """Patch tokens (B, D, h, w) -> bilinear upsampling to size × size (32×32 -> 128×128, Section
-    4.2) -> a two-layer per-pixel projection (1×1 convolutions) -> logits (B, c, size, size)."""
+    4.2) -> a two-layer per-pixel projection -> logits (B, c, size, size), stored channels-last."""
 
     def __init__(self, in_dim, hidden, num_classes, size):
         super().__init__()
         self.size = size
-        self.mlp = nn.Sequential(nn.Conv2d(in_dim, hidden, 1), nn.ReLU(),
-                                 nn.Conv2d(hidden, num_classes, 1))
+        self.proj, self.out = nn.Linear(in_dim, hidden), nn.Linear(hidden, num_classes)
 
     def forward(self, tokens, size=None):
-        # The first 1×1 layer is linear and bilinear upsampling is linear with weights summing to
-        # 1, so the two commute: projecting at token resolution first is the same function as the
-        # paper's upsample-then-project at 1/16 of the cost. The ReLU comes after the upsampling.
-        x = self.mlp[0](tokens)  # (B, hidden, h, w)
+        # The first layer is linear and bilinear upsampling is linear with weights summing to 1,
+        # so the two commute: projecting at token resolution first is the same function as the
+        # paper's upsample-then-project, at 1/16 of the cost. The ReLU comes after the upsampling.
+        x = self.proj(tokens.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, hidden, h, w)
         x = F.interpolate(x, size=size or (self.size, self.size), mode="bilinear",
-                          align_corners=False)
-        return self.mlp[1:](x)  # (B, c, S, S)
+                          align_corners=False)  # (B, hidden, S, S), channels-last in memory
+        return self.out(F.relu(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, c, S, S)
 
 
 class Net(nn.Module):
@@ -672,7 +671,9 @@ def rewards(old_probs, labels, uniformity="eq4", background_penalty=False):
 def advantages(r, eps=1e-4):
     """Eq. (2): the z-score of the rewards over the group (the c classes of one sample).
     Open in the paper: which std. Here the unbiased one, plus eps, as TRL's GRPO."""
-    return (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + eps)  # (N, c)
+    d = r - r.mean(-1, keepdim=True)  # (N, c)
+    std = (d.square().sum(-1, keepdim=True) / (r.shape[-1] - 1)).sqrt()  # = r.std(-1), faster
+    return d / (std + eps)
 
 
 GRPO_DIAGNOSTICS = ("clip_frac", "approx_kl", "ratio_dev_mean", "ratio_dev_max")
@@ -697,8 +698,8 @@ def grpo_rm_terms(z, z_old, y, keep, clip_eps, uniformity, background_penalty):
     w = rA * unclipped
     dJ = (w - logp.exp() * w.sum(-1, keepdim=True)) / z.shape[1]  # (n, c)
     on = keep[:, None]
-    dev = (ratio - 1).abs() * on  # |ρ - 1|
-    kl = (p_old * (ratio - 1 - log_ratio)).sum(-1)  # Σ_i p_old,i [(ρ_i - 1) - log ρ_i] per sample
+    dev = (ratio - 1).abs_().mul_(on)  # |ρ - 1|
+    kl = (p_old * log_ratio).sum(-1).neg_()  # Σ_i p_old [(ρ_i - 1) - log ρ_i] = -Σ_i p_old log ρ_i
     stats = torch.stack([(~unclipped & on).sum().to(dtype), (kl * keep).sum(), dev.sum(),
                          dev.max()])
     return (J * keep).sum(), dJ, stats
@@ -834,8 +835,8 @@ def make_loss(args):
 def step_loss(model, old, x, y, loss_fn, seg):
     """One batch through θ (and θ_old for GRPO-RM) to the loss; for segmentation every labelled
     pixel of the (S × S) logit map is a sample."""
-    def flat(z):  # (B, c, S, S) -> (B·S·S, c), pixel-major like the labels
-        return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]) if seg else z
+    def flat(z):  # (B, c, S, S) -> (B·S·S, c), pixel-major like the labels (a view: the head's
+        return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]) if seg else z  # logits are NHWC)
 
     old_logits = None
     if old is not None:
@@ -1428,22 +1429,12 @@ def linear_macs(model, x):
     return total
 
 
-def reset_host_peak():
-    """Let VmHWM (the peak resident set) restart from the current size; Linux only."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def bench_method(args, ctx, method, num_classes):
-    """Step time, FLOPs and peak memory of one method, this process's share of the batch."""
-    from torch.utils.flop_counter import FlopCounterMode
+def bench_build(args, ctx, method, num_classes):
+    """One method's model, optimizer and a synthetic batch of this process's share of the batch.
+    -> (one training step, the no-grad forward of θ_old, the net)."""
     torch.manual_seed(args.seed)
-    backbone = prepare_backbone(load_backbone(args.hub_repo, args.model, args.weights,
-                                              args.hub_kwargs), not args.no_sdpa)
-    net = build_net(backbone, args, num_classes, ctx.device)
+    backbone = load_backbone(args.hub_repo, args.model, args.weights, args.hub_kwargs)
+    net = build_net(prepare_backbone(backbone, not args.no_sdpa), args, num_classes, ctx.device)
     old = make_old(net) if method == "grpo" else None
     model, params, opt = prepare_training(net, args.compile, 1e-6, ctx)
     old = torch.compile(old) if args.compile and old is not None else old
@@ -1453,26 +1444,58 @@ def bench_method(args, ctx, method, num_classes):
     loss_fn = make_loss(argparse.Namespace(**{**vars(args), "method": method}))
     step = functools.partial(train_step, model, old, opt, params, loss_fn, args.task == "seg",
                              ctx, x, y, 1e-6)
-    sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
-    for _ in range(args.bench_warmup):
-        step()
-    with FlopCounterMode(display=False) as counter:
-        step()
-    sync()
-    if ctx.world > 1:
-        dist.barrier()
-    torch.cuda.reset_peak_memory_stats() if ctx.device.type == "cuda" else reset_host_peak()
-    t0 = time.perf_counter()
-    for _ in range(args.bench_steps):
-        step()
-    sync()
-    dt = (time.perf_counter() - t0) / args.bench_steps
-    mem = all_reduce_sum(torch.tensor([peak_memory_gb(ctx.device)], dtype=torch.float64), ctx)
-    macs = linear_macs(net, x[:1]) * (2 if method == "grpo" else 1)  # θ_old: one more forward
-    return {"ms_per_step": 1e3 * dt, "img_per_s": args.batch_size / dt,
-            "flops_per_step": counter.get_total_flops() * ctx.world,
-            "fwd_macs_per_image": macs, "peak_memory_gb": peak_memory_gb(ctx.device),
-            "memory_sum_gb": mem.item()}
+
+    def forward():
+        with torch.no_grad(), ctx.amp():
+            (old or net)(x)
+    return step, forward, net
+
+
+def bench_methods(args, ctx, num_classes):
+    """ce and grpo: peak memory and FLOPs of each alone, then step times in 5 alternating rounds
+    of --bench-steps steps; the time ratio is the median of the 5 rounds' ratios, so that a
+    machine whose speed drifts affects both methods alike."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cuda = ctx.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    built, rows = {}, {}
+    for m in ("ce", "grpo"):
+        before = torch.cuda.memory_allocated() / 2**30 if cuda else 0  # the methods built before
+        torch.cuda.reset_peak_memory_stats() if cuda else None
+        built[m] = bench_build(args, ctx, m, num_classes)
+        for _ in range(args.bench_warmup):
+            built[m][0]()
+        with FlopCounterMode(display=False) as counter:
+            built[m][0]()
+        sync()
+        macs = linear_macs(built[m][2], torch.zeros(1, 3, args.img_size, args.img_size,
+                                                    device=ctx.device))
+        # Peak memory per method: CUDA's allocator knows it; a CPU process's resident set cannot
+        # be split between two methods (the C allocator keeps what the first one freed).
+        rows[m] = {"flops_per_step": counter.get_total_flops() * ctx.world,
+                   "fwd_macs_per_image": macs * (2 if m == "grpo" else 1),  # θ_old: one more
+                   "peak_memory_gb": peak_memory_gb(ctx.device) - before if cuda else None}
+    fns = {"ce": built["ce"][0], "grpo": built["grpo"][0], "fwd": built["grpo"][1]}
+    times = {m: [] for m in fns}  # "fwd": θ_old's forward alone
+    for _ in range(5):
+        for m, fn in fns.items():
+            if ctx.world > 1:
+                dist.barrier()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.bench_steps):
+                fn()
+            sync()
+            times[m].append((time.perf_counter() - t0) / args.bench_steps)
+    for m, r in rows.items():
+        dt = float(np.median(times[m]))
+        r.update(ms_per_step=1e3 * dt, img_per_s=args.batch_size / dt, memory_sum_gb=None)
+        if cuda:
+            mem = torch.tensor([r["peak_memory_gb"]], dtype=torch.float64)
+            r["memory_sum_gb"] = all_reduce_sum(mem, ctx).item()
+    rows["grpo"]["old_forward_ms"] = 1e3 * float(np.median(times["fwd"]))
+    rows["grpo"]["time_ratio"] = float(np.median(np.array(times["grpo"]) / times["ce"]))
+    return rows
 
 
 def bench_loss(n, c, dtype, device, steps=10):
@@ -1514,14 +1537,11 @@ def bench(args, ctx):
     patch = rank0_first(ctx, lambda: load_backbone(args.hub_repo, args.model, args.weights,
                                                    args.hub_kwargs)).patch_size
     args.img_size = args.img_size or default_img_size(spec, patch)
-    rows = {}
-    for method in ("ce", "grpo"):
-        try:
-            rows[method] = bench_method(args, ctx, method, num_classes)
-        except torch.OutOfMemoryError:
-            raise UserError(f"--bench: {method} ran out of GPU memory at {args.batch_size // ctx.world}"
-                            " images per process; lower --batch-size") from None
-        torch.cuda.empty_cache() if ctx.device.type == "cuda" else None
+    try:
+        rows = bench_methods(args, ctx, num_classes)
+    except torch.OutOfMemoryError:
+        raise UserError(f"--bench: out of GPU memory at {args.batch_size // ctx.world} images per "
+                        "process; lower --batch-size") from None
     b = args.batch_size // ctx.world
     n = b * args.seg_size**2 if args.task == "seg" else b
     loss = bench_loss(n, num_classes, ctx.amp_dtype, ctx.device, args.bench_steps)
@@ -1544,6 +1564,10 @@ def bench(args, ctx):
     return result
 
 
+def fmt(v, spec=".2f"):
+    return "—" if v is None else format(v, spec)
+
+
 def bench_lines(res):
     c, rows, L = res["config"], res["methods"], res["loss"]
     g, ce = rows["grpo"], rows["ce"]
@@ -1552,14 +1576,16 @@ def bench_lines(res):
            "| method | ms/step | img/s | GFLOP/step | fwd GMAC/batch | s/epoch (paper's set) | "
            "peak GB/process | GB all processes | MFU |", "|---|---|---|---|---|---|---|---|---|"]
     for m, r in rows.items():
-        sec = f"{r['sec_per_epoch_paper']:.1f}" if r["sec_per_epoch_paper"] else "—"
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "—"
+        mfu = fmt(r["mfu"] and 100 * r["mfu"], ".1f")
         out.append(f"| {m} | {r['ms_per_step']:.1f} | {r['img_per_s']:.0f} | "
-                   f"{r['flops_per_step'] / 1e9:.1f} | {r['fwd_macs_per_batch'] / 1e9:.1f} | {sec} | "
-                   f"{r['peak_memory_gb']:.3f} | {r['memory_sum_gb']:.3f} | {mfu} |")
-    out.append(f"grpo/ce: time x{g['ms_per_step'] / ce['ms_per_step']:.3f}, FLOPs "
-               f"x{g['flops_per_step'] / ce['flops_per_step']:.3f}, peak memory "
-               f"x{g['peak_memory_gb'] / ce['peak_memory_gb']:.3f}")
+                   f"{r['flops_per_step'] / 1e9:.1f} | {r['fwd_macs_per_batch'] / 1e9:.1f} | "
+                   f"{fmt(r['sec_per_epoch_paper'], '.1f')} | {fmt(r['peak_memory_gb'], '.3f')} | "
+                   f"{fmt(r['memory_sum_gb'], '.3f')} | {mfu}% |")
+    mem = (f"x{g['peak_memory_gb'] / ce['peak_memory_gb']:.3f}" if ce["peak_memory_gb"]
+           else "— (GPU only)")
+    out.append(f"grpo/ce: time x{g['time_ratio']:.3f}, FLOPs "
+               f"x{g['flops_per_step'] / ce['flops_per_step']:.3f}, peak memory {mem}; θ_old's forward alone "
+               f"{g['old_forward_ms']:.1f} ms = {g['old_forward_ms'] / ce['ms_per_step']:.3f} of a ce step")
     out.append(f"loss alone, N = {L['n']} x c = {L['c']} ({L['dtype']} logits, "
                f"{L['logit_bytes'] / 2**20:.1f} MiB): " + " | ".join(
                    f"{m} {L[m]['ms']:.2f} ms, saved {L[m]['saved_bytes'] / L['logit_bytes']:.2f}x"
@@ -1746,14 +1772,14 @@ def bench_table(benches):
         model = c["model"] + (f" ({', '.join(f'{k} {v}' for k, v in kw.items())})" if kw else "")
         setting = (f"{c['img_size']} px, batch {c['batch_size']}, {c['dtype']}"
                    f"{', compile' if c['compile'] else ''}")
+        mem = ce["peak_memory_gb"] and f"x{g['peak_memory_gb'] / ce['peak_memory_gb']:.3f}"
         for m, r in b["methods"].items():
-            ratio = (f"x{g['ms_per_step'] / ce['ms_per_step']:.3f} | "
-                     f"x{g['peak_memory_gb'] / ce['peak_memory_gb']:.3f}" if m == "grpo" else " | ")
-            sec = f"{r['sec_per_epoch_paper']:.1f}" if r.get("sec_per_epoch_paper") else "—"
+            ratio = f"x{g['time_ratio']:.3f} | {fmt(mem, 's')}"
             out.append(f"| {c['dataset']} | {model} | {setting} | {b['device']} × {b['world_size']} | "
-                       f"{m} | {r['fwd_macs_per_batch'] / 1e9:.1f} | {sec} | {r['memory_sum_gb']:.2f} | "
-                       f"{r['ms_per_step']:.1f} | {r['flops_per_step'] / 1e9:.1f} | "
-                       f"{r['peak_memory_gb']:.2f} | {ratio} |")
+                       f"{m} | {r['fwd_macs_per_batch'] / 1e9:.1f} | {fmt(r['sec_per_epoch_paper'], '.1f')}"
+                       f" | {fmt(r['memory_sum_gb'])} | {r['ms_per_step']:.1f} | "
+                       f"{r['flops_per_step'] / 1e9:.1f} | {fmt(r['peak_memory_gb'])} | "
+                       f"{ratio if m == 'grpo' else ' | '} |")
     return out + [""]
 
 

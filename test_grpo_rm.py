@@ -383,7 +383,9 @@ def test_sdpa_patch_is_equivalent(hub):
 def test_seg_head_projects_before_upsampling_exactly():
     head = G.SegHead(12, 5, 3, 16).double()
     tokens = torch.randn(2, 12, 4, 4, dtype=torch.float64)
-    paper = head.mlp(F.interpolate(tokens, size=(16, 16), mode="bilinear", align_corners=False))
+    up = F.interpolate(tokens, size=(16, 16), mode="bilinear", align_corners=False)  # upsample,
+    hidden = torch.einsum("bdhw,kd->bkhw", up, head.proj.weight) + head.proj.bias[:, None, None]
+    paper = torch.einsum("bkhw,ck->bchw", hidden.relu(), head.out.weight) + head.out.bias[:, None, None]
     torch.testing.assert_close(head(tokens), paper, atol=1e-12, rtol=0)
     assert head(tokens, size=(24, 24)).shape == (2, 3, 24, 24)
 
@@ -1423,7 +1425,9 @@ def test_bench_smoke(hub, tmp_path):
     ce, grpo = res["methods"]["ce"], res["methods"]["grpo"]
     # one more forward (θ_old): FLOPs between 1x and 1.5x of fine-tuning's
     assert 1.0 < grpo["flops_per_step"] / ce["flops_per_step"] < 1.5
-    assert ce["ms_per_step"] > 0 and ce["peak_memory_gb"] > 0 and ce["sec_per_epoch_paper"] > 0
+    assert ce["ms_per_step"] > 0 and ce["sec_per_epoch_paper"] > 0
+    assert ce["peak_memory_gb"] is None  # per method on GPU only
+    assert 0 < grpo["old_forward_ms"] < grpo["ms_per_step"]
     assert grpo["fwd_macs_per_image"] == 2 * ce["fwd_macs_per_image"]
     L = res["loss"]
     assert (L["n"], L["c"]) == (4 * 8 * 8, 21) and L["grpo"]["saved_bytes"] == L["logit_bytes"]
@@ -1436,8 +1440,8 @@ def test_bench_smoke(hub, tmp_path):
 def test_bench_reports_out_of_memory(hub, tmp_path, monkeypatch):
     def oom(*a):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")
-    monkeypatch.setattr(G, "bench_method", oom)
-    with pytest.raises(G.UserError, match="--bench: ce ran out of GPU memory at 8 images per process"):
+    monkeypatch.setattr(G, "bench_build", oom)
+    with pytest.raises(G.UserError, match="--bench: out of GPU memory at 8 images per process"):
         G.main(["--bench", "--dataset", "tinyimagenet", "--hub-repo", hub, "--model", "dinov2_vitt_test",
                 "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path)])
 
