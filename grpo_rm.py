@@ -553,25 +553,26 @@ def load_weights(model, path, name):
     model.load_state_dict(state, strict=True)
 
 
-def sdpa_attention(self, x, attn_bias=None):
-    """The forward of DINOv2's Attention before 2025 (softmax(q kᵀ · scale) v written out), with
-    the product computed by F.scaled_dot_product_attention (flash / memory-efficient kernels)."""
+def sdpa_attention(self, x, attn_bias=None, is_causal=False):
+    """DINOv2's Attention.forward with softmax(q kᵀ · scale) v computed by
+    F.scaled_dot_product_attention (flash / memory-efficient kernels). DINOv2 before 2025 wrote the
+    product out and kept an nn.Dropout in attn_drop; today's DINOv2 calls SDPA and keeps a float."""
     B, N, C = x.shape
     qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 × (B, heads, N, C / heads)
-    drop = self.attn_drop.p if self.training else 0.0
-    x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=drop,
-                                       scale=self.scale)
+    p = self.attn_drop.p if isinstance(self.attn_drop, nn.Dropout) else float(self.attn_drop)
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale,
+                                       dropout_p=p if self.training else 0.0, is_causal=is_causal)
     return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
 
 def use_sdpa(backbone):
-    """Route hand-written attention through SDPA. DINOv2 before 2025 (and the timm style) keeps an
-    nn.Dropout in attn_drop and multiplies q kᵀ by hand; today's DINOv2 stores a float there and
-    calls SDPA itself, so it is left as it is. Returns the number of modules patched."""
+    """Give every DINOv2 attention module (qkv, proj, attn_drop) the SDPA forward above: the old
+    ones lose the written-out product; today's run the same kernels through one code path (and
+    without xFormers). --no-sdpa keeps each module's own forward. Returns the number patched."""
     n = 0
     for m in backbone.modules():
-        if isinstance(getattr(m, "attn_drop", None), nn.Dropout) and hasattr(m, "qkv"):
+        if all(hasattr(m, a) for a in ("qkv", "proj", "attn_drop", "num_heads", "scale")):
             m.forward, n = types.MethodType(sdpa_attention, m), n + 1
     return n
 
@@ -1576,11 +1577,11 @@ def bench_lines(res):
            "| method | ms/step | img/s | GFLOP/step | fwd GMAC/batch | s/epoch (paper's set) | "
            "peak GB/process | GB all processes | MFU |", "|---|---|---|---|---|---|---|---|---|"]
     for m, r in rows.items():
-        mfu = fmt(r["mfu"] and 100 * r["mfu"], ".1f")
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "—"
         out.append(f"| {m} | {r['ms_per_step']:.1f} | {r['img_per_s']:.0f} | "
                    f"{r['flops_per_step'] / 1e9:.1f} | {r['fwd_macs_per_batch'] / 1e9:.1f} | "
                    f"{fmt(r['sec_per_epoch_paper'], '.1f')} | {fmt(r['peak_memory_gb'], '.3f')} | "
-                   f"{fmt(r['memory_sum_gb'], '.3f')} | {mfu}% |")
+                   f"{fmt(r['memory_sum_gb'], '.3f')} | {mfu} |")
     mem = (f"x{g['peak_memory_gb'] / ce['peak_memory_gb']:.3f}" if ce["peak_memory_gb"]
            else "— (GPU only)")
     out.append(f"grpo/ce: time x{g['time_ratio']:.3f}, FLOPs "

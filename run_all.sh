@@ -1,138 +1,161 @@
 #!/usr/bin/env bash
-# Reproduce every table and figure of the GRPO-RM paper, or a CPU-scale miniature of them.
+# Reproduce the tables and figures of the GRPO-RM paper, or a paper-length miniature of them.
 #
-#   bash run_all.sh TARGET        TARGET: table2 table3 table4 table5 table6 fig2 fig3 mini all
+#   bash run_all.sh TARGET      TARGET: table2 table3 table4 table5 table6 fig2 fig3 mini all
 #
 # Environment (defaults in brackets):
 #   NPROC      processes (GPUs) per run [4; mini: 1]
-#   DATA_ROOT  folder holding the datasets [data; mini: ../shared/data] with the layouts of README.md:
+#   DATA_ROOT  the datasets, in the layouts of README.md [data; mini: ../shared/data]:
 #              cifar10/ cifar100/ stl10/ (torchvision), tiny-imagenet-200/, imagenet/{train,val}/,
 #              voc/VOCdevkit/VOC2012/, ade20k/ADEChallengeData2016/, cocostuff/{images,stuffthingmaps}/
-#   OUT        where runs write OUT/NAME/result.json [runs; mini: runs-mini]
-#   SEEDS      seeds of every configuration ["0 1 2 3 4"; mini: "0 1 2"]
-#   HUB_REPO   torch.hub repository [facebookresearch/dinov2; mini: ../shared/hub]
+#   OUT        runs go to OUT/NAME/result.json [runs; mini: runs-mini]
+#   SEEDS      seeds of the configurations the paper ran 5 times ["0 1 2 3 4"]; the rows it ran
+#              once (frozen DINOv2, Table 4, Table 6) take the first seed only
+#   HUB_REPO   torch.hub repository [grpo_rm.py's pinned DINOv2 commit; mini: ../shared/hub]
 #   MODEL      hub entry point [dinov2_vits14; mini: dinov2_vitt8_tin]
-#   WEIGHTS    optional local weights file for the backbone (offline use)
+#   WEIGHTS    a local weights file for the backbone (offline use)
+#   SCALE      mini only: cpu (the sizes of README.md, about 3 hours on 2 cores) or gpu (larger sets)
+#   JOBS       runs at once [1]; small runs can share one GPU
 #   PYTHON     [python3]
-# A run whose OUT/NAME/result.json exists is skipped, and an interrupted run continues from its
-# checkpoint (--resume), so an interrupted reproduction picks up where it stopped. Every target ends
-# by aggregating OUT into markdown tables, CSV and PNG curves (python grpo_rm.py --report OUT).
+# A run whose OUT/NAME/result.json exists is skipped and an interrupted run resumes from its
+# checkpoint (--resume), so an interrupted reproduction picks up where it stopped. Every target
+# ends with the report: python grpo_rm.py --report OUT (tables, figures).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 TARGET=${1:-}
 PYTHON=${PYTHON:-python3}
-MINI=0
-if [[ $TARGET == mini ]]; then MINI=1; fi
-if (( MINI )); then
-  NPROC=${NPROC:-1}; DATA_ROOT=${DATA_ROOT:-../shared/data}; OUT=${OUT:-runs-mini}; SEEDS=${SEEDS:-"0 1 2"}
-  HUB_REPO=${HUB_REPO:-../shared/hub}; MODEL=${MODEL:-dinov2_vitt8_tin}
+JOBS=${JOBS:-1}
+SEEDS=${SEEDS:-"0 1 2 3 4"}
+if [[ $TARGET == mini ]]; then
+  NPROC=${NPROC:-1}; DATA_ROOT=${DATA_ROOT:-../shared/data}; OUT=${OUT:-runs-mini}
+  HUB_REPO=${HUB_REPO:-../shared/hub}; MODEL=${MODEL:-dinov2_vitt8_tin}; SCALE=${SCALE:-cpu}
 else
-  NPROC=${NPROC:-4}; DATA_ROOT=${DATA_ROOT:-data}; OUT=${OUT:-runs}; SEEDS=${SEEDS:-"0 1 2 3 4"}
-  HUB_REPO=${HUB_REPO:-facebookresearch/dinov2}; MODEL=${MODEL:-dinov2_vits14}
+  NPROC=${NPROC:-4}; DATA_ROOT=${DATA_ROOT:-data}; OUT=${OUT:-runs}
+  HUB_REPO=${HUB_REPO:-}; MODEL=${MODEL:-dinov2_vits14}
 fi
-WEIGHTS=${WEIGHTS:-}
-backbone=(--hub-repo "$HUB_REPO" --model "$MODEL")
-if [[ -n $WEIGHTS ]]; then backbone+=(--weights "$WEIGHTS"); fi
+FIRST=${SEEDS%% *}
+backbone=(--model "$MODEL")
+if [[ -n $HUB_REPO ]]; then backbone+=(--hub-repo "$HUB_REPO"); fi
+if [[ -n ${WEIGHTS:-} ]]; then backbone+=(--weights "$WEIGHTS"); fi
 
-# run NAME FLAG...: one experiment, unless OUT/NAME/result.json says it finished already.
+# run NAME FLAG...: one experiment, unless OUT/NAME/result.json says it finished; with JOBS > 1
+# it runs in the background once fewer than JOBS runs are under way.
 run() {
   local name=$1; shift
-  if [[ -f "$OUT/$name/result.json" ]]; then
-    echo "== $name: done, skipped"
-    return
-  fi
-  echo "== $name"
-  if (( NPROC > 1 )); then
-    torchrun --standalone --nproc_per_node="$NPROC" grpo_rm.py --name "$name" --out "$OUT" --resume "${backbone[@]}" "$@"
-  else
-    "$PYTHON" grpo_rm.py --name "$name" --out "$OUT" --resume "${backbone[@]}" "$@"
-  fi
+  if [[ -f "$OUT/$name/result.json" ]]; then echo "== $name: done, skipped"; return; fi
+  local cmd=("$PYTHON" grpo_rm.py)
+  if (( NPROC > 1 )); then cmd=(torchrun --standalone --nproc_per_node="$NPROC" grpo_rm.py); fi
+  cmd+=(--name "$name" --out "$OUT" --resume "${backbone[@]}" "$@")
+  if (( JOBS == 1 )); then echo "== $name"; "${cmd[@]}"; return; fi
+  while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n || true; done
+  mkdir -p "$OUT/logs"
+  echo "== $name (background, log $OUT/logs/$name.log)"
+  "${cmd[@]}" > "$OUT/logs/$name.log" 2>&1 &
 }
 
-report() { "$PYTHON" grpo_rm.py --report "$OUT"; }
+report() { wait; "$PYTHON" grpo_rm.py --report "$OUT"; }
 
-# Classification (Table 3, Table 6, Figure 3): DATASET DIR METHOD SEED [FLAG...]
+# METHOD: frozen, ce or grpo-UNIFORMITY -> the flags in the array m
+method_flags() {
+  m=(--method "${1%%-*}")
+  if [[ $1 == grpo-* ]]; then m+=(--uniformity "${1#grpo-}"); fi
+}
+# cls DATASET DIR METHOD SEED [FLAG...]; TAG=x cls ... names the run cls-DATASET-METHOD-x-sSEED
 cls() {
-  local ds=$1 dir=$2 method=$3 seed=$4; shift 4
-  local name="cls-$ds-$method-s$seed"
-  if [[ $method == grpo* ]]; then name="cls-$ds-grpo-${method#grpo-}-s$seed"; method=grpo; fi
-  run "$name" --dataset "$ds" --data-dir "$DATA_ROOT/$dir" --method "$method" --seed "$seed" "$@"
+  local ds=$1 dir=$2 method=$3 seed=$4 m; shift 4
+  method_flags "$method"
+  run "cls-$ds-$method${TAG:+-$TAG}-s$seed" --dataset "$ds" --data-dir "$DATA_ROOT/$dir" \
+    "${m[@]}" --seed "$seed" "$@"
 }
-CLS_SETS=("cifar10 cifar10" "cifar100 cifar100" "stl10 stl10" "tinyimagenet tiny-imagenet-200" "imagenet imagenet")
+# seg DATASET DIR METHOD SEED SUBSET [FLAG...]: one post-training, evaluated with the linear and
+# the multi-scale features (the paper's two "feature types" are two evaluations of one backbone)
+seg() {
+  local ds=$1 dir=$2 method=$3 seed=$4 subset=$5 m; shift 5
+  method_flags "$method"
+  run "seg-$ds-$method-sub$subset-s$seed" --dataset "$ds" --data-dir "$DATA_ROOT/$dir" "${m[@]}" \
+    --seed "$seed" --subset "$subset" --feature-type linear,ms --save-vis 8 "$@"
+}
+CLS_SETS=("cifar10 cifar10" "cifar100 cifar100" "stl10 stl10" "tinyimagenet tiny-imagenet-200" \
+          "imagenet imagenet")
 
-table3() {
-  for seed in $SEEDS; do for set in "${CLS_SETS[@]}"; do for method in frozen ce grpo-eq4; do
+table3() {  # also Figure 3's runs (Tiny-ImageNet, ImageNet: ce and grpo)
+  local set seed method
+  for set in "${CLS_SETS[@]}"; do
     # shellcheck disable=SC2086  # $set is "NAME DIR"
-    cls $set "$method" "$seed" --uniformity eq4
+    cls $set frozen "$FIRST"
+    for seed in $SEEDS; do for method in ce grpo-eq4; do
+      # shellcheck disable=SC2086
+      cls $set "$method" "$seed"
+    done; done
+  done
+}
+fig3() { table3; }
+
+seg_table() {  # DATASET DIR SEEDS: frozen once; ce and grpo on 10% and on all of the training set
+  local ds=$1 dir=$2 seeds=$3 seed method subset
+  seg "$ds" "$dir" frozen "$FIRST" 1
+  for seed in $seeds; do for method in ce grpo-eq4; do for subset in 0.1 1; do
+    seg "$ds" "$dir" "$method" "$seed" "$subset"
   done; done; done
 }
+table2() { seg_table voc voc "$SEEDS"; seg_table ade20k ade20k "$SEEDS"; }
+table4() { seg_table cocostuff cocostuff "$FIRST"; }  # single runs in the paper
+fig2() { seg voc voc frozen "$FIRST" 1; seg voc voc ce "$FIRST" 1; seg voc voc grpo-eq4 "$FIRST" 1; }
 
-fig3() {  # training-loss curves: the Table 3 runs of ImageNet and Tiny-ImageNet
-  for seed in $SEEDS; do for method in ce grpo-eq4; do
-    cls tinyimagenet tiny-imagenet-200 "$method" "$seed"
-    cls imagenet imagenet "$method" "$seed"
-  done; done
-}
-
-table6() {  # uniformity ablation: "set to 0", Eq. (5), Eq. (4)
-  for seed in $SEEDS; do for u in none eq5 eq4; do
-    cls stl10 stl10 "grpo-$u" "$seed" --uniformity "$u"
-    cls tinyimagenet tiny-imagenet-200 "grpo-$u" "$seed" --uniformity "$u"
-    cls imagenet imagenet "grpo-$u" "$seed" --uniformity "$u"
-    seg voc voc "grpo-$u" "$seed" linear 1 --uniformity "$u"
-  done; done
-}
-
-# Segmentation (Tables 2 and 4, Figure 2): DATASET DIR METHOD SEED FEATURE SUBSET [FLAG...]
-seg() {
-  local ds=$1 dir=$2 method=$3 seed=$4 feature=$5 subset=$6; shift 6
-  local name="seg-$ds-$method-$feature-sub$subset-s$seed"
-  if [[ $method == grpo* ]]; then method=grpo; fi
-  run "$name" --task seg --dataset "$ds" --data-dir "$DATA_ROOT/$dir" --method "$method" --seed "$seed" \
-    --feature-type "$feature" --subset "$subset" --save-vis 8 "$@"
-}
-
-seg_table() {  # DATASET DIR
-  for seed in $SEEDS; do for feature in linear ms; do
-    seg "$1" "$2" frozen "$seed" "$feature" 1
-    for method in ce grpo-eq4; do for subset in 0.1 1; do
-      seg "$1" "$2" "$method" "$seed" "$feature" "$subset"
-    done; done
-  done; done
-}
-table2() { seg_table voc voc; seg_table ade20k ade20k; }
-table4() { seg_table cocostuff cocostuff; }
-
-fig2() {  # segmentation visualisations: image | truth | prediction, frozen vs ce vs grpo (first seed)
-  local seed=${SEEDS%% *}
-  for method in frozen ce grpo-eq4; do seg voc voc "$method" "$seed" linear 1; done
-}
-
-table5() {  # cost of ce vs grpo at the paper's batch sizes (synthetic data of the same shape, one GPU)
-  local args
-  for args in "tinyimagenet tiny-imagenet-200 cls 1024" "imagenet imagenet cls 1024" \
-              "voc voc seg 256" "cocostuff cocostuff seg 256"; do
-    read -r ds dir task batch <<< "$args"
-    "$PYTHON" grpo_rm.py --bench --task "$task" --dataset "$ds" --data-dir "$DATA_ROOT/$dir" \
-      --batch-size "$batch" --out "$OUT" "${backbone[@]}"
+table6() {  # uniformity ablation, single runs in the paper; the eq4 runs are Table 3's / 2's
+  local u
+  for u in none eq5 eq4; do
+    cls stl10 stl10 "grpo-$u" "$FIRST"
+    cls tinyimagenet tiny-imagenet-200 "grpo-$u" "$FIRST"
+    cls imagenet imagenet "grpo-$u" "$FIRST"
+    seg voc voc "grpo-$u" "$FIRST" 1
   done
 }
 
-mini() {  # CPU-scale miniature on the small real datasets; about 40 minutes on 2 cores
-  local seed method
+table5() {  # the paper's batch over NPROC processes, synthetic batches of each dataset's shape
+  local args ds task batch
+  for args in "tinyimagenet cls 1024" "imagenet cls 1024" "voc seg 256" "cocostuff seg 256"; do
+    read -r ds task batch <<< "$args"
+    local cmd=("$PYTHON" grpo_rm.py)
+    if (( NPROC > 1 )); then cmd=(torchrun --standalone --nproc_per_node="$NPROC" grpo_rm.py); fi
+    "${cmd[@]}" --bench --task "$task" --dataset "$ds" --batch-size "$batch" --out "$OUT" \
+      "${backbone[@]}"
+  done
+}
+
+# The paper-length miniature: 100 epochs and about 50 steps an epoch (the paper's CIFAR-10 run
+# has 50,000 / 1,024 = 49), on small real datasets with the small pretrained backbone of ../hub.
+# SCALE=cpu trains on subsets (about 3 CPU-hours in all on 2 cores); SCALE=gpu on whole sets.
+mini() {
+  local c10 tin cam
+  if [[ $SCALE == gpu ]]; then
+    c10=(--subset 1 --batch-size 200); tin=(--subset 1 --batch-size 100); cam=(--batch-size 32)
+  else
+    c10=(--subset 0.1 --batch-size 20); tin=(--subset 0.2 --batch-size 20); cam=(--batch-size 8 --subset 0.5)
+  fi
+  local seed method lr
   for seed in $SEEDS; do for method in frozen ce grpo-eq4; do
-    cls imagefolder cifar10_jpg_mini "$method" "$seed" --img-size 32 --batch-size 256 --epochs 6 \
-      --eval-epochs 20 --preload --workers 2
-    cls tinyimagenet tiny-imagenet-200-mini "$method" "$seed" --img-size 64 --batch-size 256 --epochs 4 \
-      --eval-epochs 20 --workers 2
-    seg vocfolder camvid_voc "$method" "$seed" linear 1 --num-classes 11 --img-size 64 --seg-size 32 \
-      --batch-size 32 --epochs 6 --lr 1e-3 --eval-epochs 10 --eval-lr 1e-2 --workers 2
+    cls imagefolder cifar10_jpg_mini "$method" "$seed" --img-size 32 "${c10[@]}" --epochs 100 \
+      --eval-lr 1e-3 --workers 2
+    cls tinyimagenet tiny-imagenet-200-mini "$method" "$seed" "${tin[@]}" --epochs 100 --workers 2
+    seg vocfolder camvid_voc "$method" "$seed" 1 --num-classes 11 --img-size 64 --seg-size 32 \
+      "${cam[@]}" --epochs 100 --lr 1e-3 --eval-lr 1e-2 --workers 2
   done; done
+  for seed in $SEEDS; do  # the paper's evaluation lr for segmentation, on the frozen backbone
+    run "seg-vocfolder-frozen-evallr1e-5-s$seed" --dataset vocfolder --num-classes 11 \
+      --data-dir "$DATA_ROOT/camvid_voc" --method frozen --seed "$seed" --img-size 64 \
+      --seg-size 32 "${cam[@]}" --eval-lr 1e-5 --feature-type linear,ms --workers 2
+  done
+  for seed in 0 1 2; do for lr in 1e-4 1e-5; do for method in ce grpo-eq4; do  # lr sweep
+    TAG=lr$lr cls imagefolder cifar10_jpg_mini "$method" "$seed" --img-size 32 "${c10[@]}" \
+      --epochs 100 --lr "$lr" --eval-lr 1e-3 --workers 2
+  done; done; done
 }
 
 case $TARGET in
   table2|table3|table4|table5|table6|fig2|fig3|mini) "$TARGET"; report ;;
-  all) table3; table2; table4; table5; table6; fig2; fig3; report ;;
-  *) echo "usage: bash run_all.sh {table2|table3|table4|table5|table6|fig2|fig3|mini|all}" >&2; exit 2 ;;
+  all) table3; table2; table4; table5; table6; fig2; report ;;
+  *) echo "usage: bash run_all.sh {table2|table3|table4|table5|table6|fig2|fig3|mini|all}" >&2
+     exit 2 ;;
 esac

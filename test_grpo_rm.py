@@ -1354,7 +1354,6 @@ def test_real_dinov2_cls(imagefolder, tmp_path, monkeypatch, method):
     seen = _capture_init(monkeypatch)
     result, net = G.main(real_args(imagefolder, tmp_path, "--method", method))
     assert type(net.backbone).__name__ == "DinoVisionTransformer" and net.backbone.embed_dim == 384
-    assert G.use_sdpa(net.backbone) == 0  # today's DINOv2 calls SDPA itself: nothing to patch
     changed = [k for k, p in _trainable(net).items() if not torch.equal(_trainable(seen[0])[k], p)]
     assert len(changed) == len(_trainable(net)) and 0 <= result["metrics"]["sr"] <= 100
 
@@ -1367,6 +1366,18 @@ def test_real_dinov2_seg_linear_and_ms(vocfolder, tmp_path, method):
     m = result["metrics"]
     assert m["linear"]["labelled_pixels"] == m["ms"]["labelled_pixels"] > 0
     assert type(net.backbone).__name__ == "DinoVisionTransformer"
+
+
+@REAL
+def test_real_dinov2_sdpa_patch_is_equivalent():
+    plain = torch.hub.load(DINOV2, "dinov2_vits14_reg", source="local", pretrained=False).eval()
+    patched = copy.deepcopy(plain)
+    assert G.use_sdpa(patched) == 12 and isinstance(patched.blocks[0].attn.attn_drop, float)
+    x = torch.randn(2, 3, 56, 42)
+    torch.testing.assert_close(patched.forward_features(x)["x_norm_clstoken"],
+                               plain.forward_features(x)["x_norm_clstoken"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(patched.get_intermediate_layers(x, 4, reshape=True),
+                               plain.get_intermediate_layers(x, 4, reshape=True), atol=1e-5, rtol=1e-5)
 
 
 @REAL
