@@ -553,26 +553,24 @@ def load_weights(model, path, name):
     model.load_state_dict(state, strict=True)
 
 
-def sdpa_attention(self, x, attn_bias=None, is_causal=False):
-    """DINOv2's Attention.forward with softmax(q kᵀ · scale) v computed by
-    F.scaled_dot_product_attention (flash / memory-efficient kernels). DINOv2 before 2025 wrote the
-    product out and kept an nn.Dropout in attn_drop; today's DINOv2 calls SDPA and keeps a float."""
+def sdpa_attention(self, x, attn_bias=None):
+    """DINOv2's Attention.forward before 2025 (softmax(q kᵀ · scale) v written out, attn_drop an
+    nn.Dropout), with the product computed by F.scaled_dot_product_attention (flash kernels)."""
     B, N, C = x.shape
     qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 × (B, heads, N, C / heads)
-    p = self.attn_drop.p if isinstance(self.attn_drop, nn.Dropout) else float(self.attn_drop)
-    x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale,
-                                       dropout_p=p if self.training else 0.0, is_causal=is_causal)
+    p = self.attn_drop.p if self.training else 0.0
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=p, scale=self.scale)
     return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
 
 def use_sdpa(backbone):
-    """Give every DINOv2 attention module (qkv, proj, attn_drop) the SDPA forward above: the old
-    ones lose the written-out product; today's run the same kernels through one code path (and
-    without xFormers). --no-sdpa keeps each module's own forward. Returns the number patched."""
+    """Give attention written out by hand (nn.Dropout attn_drop: DINOv2 before 2025, timm) the SDPA
+    forward above. Today's DINOv2 calls SDPA itself (attn_drop a float) and is left alone: its own
+    forward trained faster than this one (README, Performance). Returns the number patched."""
     n = 0
     for m in backbone.modules():
-        if all(hasattr(m, a) for a in ("qkv", "proj", "attn_drop", "num_heads", "scale")):
+        if isinstance(getattr(m, "attn_drop", None), nn.Dropout) and hasattr(m, "qkv"):
             m.forward, n = types.MethodType(sdpa_attention, m), n + 1
     return n
 
@@ -673,7 +671,7 @@ def advantages(r, eps=1e-4):
     """Eq. (2): the z-score of the rewards over the group (the c classes of one sample).
     Open in the paper: which std. Here the unbiased one, plus eps, as TRL's GRPO."""
     d = r - r.mean(-1, keepdim=True)  # (N, c)
-    std = (d.square().sum(-1, keepdim=True) / (r.shape[-1] - 1)).sqrt()  # = r.std(-1), faster
+    std = torch.linalg.vector_norm(d, dim=-1, keepdim=True) / (r.shape[-1] - 1) ** 0.5  # r.std(-1)
     return d / (std + eps)
 
 
@@ -682,27 +680,25 @@ GRPO_DIAGNOSTICS = ("clip_frac", "approx_kl", "ratio_dev_mean", "ratio_dev_max")
 
 def grpo_rm_terms(z, z_old, y, keep, clip_eps, uniformity, background_penalty):
     """Eq. (1) for a chunk of samples, in float32 (float64 stays float64). z, z_old (n, c) logits,
-    y (n,) labels, keep (n,) labelled. Returns Σ_n J_n, ∂J/∂z (n, c) and the diagnostics' sums."""
+    y (n,) labels, keep (n,) labelled. -> Σ_n J_n, c·∂J/∂z (n, c), the diagnostics' sums."""
     dtype = torch.promote_types(z.dtype, torch.float32)
-    logp = F.log_softmax(z.to(dtype), -1)  # (n, c) log π_θ(o_i|q)
-    logp_old = F.log_softmax(z_old.to(dtype), -1)  # (n, c) log π_θold(o_i|q)
+    logp = F.log_softmax(z, -1, dtype=dtype)  # (n, c) log π_θ(o_i|q)
+    logp_old = F.log_softmax(z_old, -1, dtype=dtype)  # (n, c) log π_θold(o_i|q)
     p_old = logp_old.exp()
     A = advantages(rewards(p_old, y, uniformity, background_penalty))  # Alg. 1, lines 6-7
     log_ratio = logp - logp_old  # ρ in log space: p_old may underflow to 0 (bf16 above all)
     ratio = log_ratio.exp()  # (n, c) ρ_i = π_θ / π_θold
-    rA = ratio * A
-    cA = ratio.clamp(1 - clip_eps, 1 + clip_eps) * A
-    unclipped = rA <= cA  # where min(ρA, clip(ρ)A) is ρA: the terms that carry a gradient
-    J = torch.where(unclipped, rA, cA).mean(-1)  # (n,) 1/G Σ_i min(...), G = c
-    # ∂J/∂z_j = 1/c Σ_i g_i A_i ∂ρ_i/∂z_j with ∂ρ_i/∂z_j = ρ_i (δ_ij - p_j), g = unclipped:
-    # = 1/c [w_j - p_j Σ_i w_i], w = g ⊙ ρ ⊙ A. At ρ = 1 (θ = θ_old) this is A / c.
-    w = rA * unclipped
-    dJ = (w - logp.exp() * w.sum(-1, keepdim=True)) / z.shape[1]  # (n, c)
-    on = keep[:, None]
-    dev = (ratio - 1).abs_().mul_(on)  # |ρ - 1|
-    kl = (p_old * log_ratio).sum(-1).neg_()  # Σ_i p_old [(ρ_i - 1) - log ρ_i] = -Σ_i p_old log ρ_i
-    stats = torch.stack([(~unclipped & on).sum().to(dtype), (kl * keep).sum(), dev.sum(),
-                         dev.max()])
+    rA, cA = ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps).mul_(A)
+    J = torch.minimum(rA, cA).mean(-1)  # (n,) 1/G Σ_i min(ρ_i A_i, clip(ρ_i) A_i), G = c
+    # ∂J/∂z_j = 1/c Σ_i g_i A_i ∂ρ_i/∂z_j with ∂ρ_i/∂z_j = ρ_i (δ_ij - p_j) and g_i = 1 where
+    # the min takes ρ_i A_i: c ∂J/∂z = w - p Σ_i w_i, w = g ⊙ ρ ⊙ A. At ρ = 1 (θ = θ_old): A.
+    unclipped = rA <= cA
+    w = rA.mul_(unclipped)
+    dJ = torch.addcmul(w, logp.exp_(), w.sum(-1, keepdim=True), value=-1)  # (n, c)
+    dev = ratio.sub_(1).abs_()  # |ρ - 1|
+    kl = -(p_old * log_ratio).sum(-1)  # Σ_i p_old [(ρ_i - 1) - log ρ_i] = -Σ_i p_old log ρ_i
+    stats = torch.stack([(~unclipped & keep[:, None]).sum().to(dtype), (kl * keep).sum(),
+                         (dev.sum(-1) * keep).sum(), (dev.amax(-1) * keep).max()])
     return (J * keep).sum(), dJ, stats
 
 
@@ -724,8 +720,8 @@ class GRPORMLoss(torch.autograd.Function):
             J, dJ, st = grpo_rm_terms(logits[sl], old_logits[sl], y[sl], keep[sl], clip_eps,
                                       uniformity, penalty)
             J_sum, stats = J_sum + J, stats + [st]
-            if grad is not None:
-                grad[sl] = dJ * (keep[sl, None] / -n)  # ∂(-Σ J / n)/∂z; 0 for unlabelled
+            if grad is not None:  # ∂(-Σ_n J_n / n)/∂z; 0 for unlabelled samples
+                torch.mul(dJ, keep[sl, None].to(dJ.dtype) / (-n * c), out=grad[sl])
         st = torch.stack(stats)  # (chunks, 4)
         diag = torch.stack([st[:, 0].sum() / (n * c), st[:, 1].sum() / n,
                             st[:, 2].sum() / (n * c), st[:, 3].max()])
@@ -828,9 +824,9 @@ def make_loss(args):
     GRPO-RM its diagnostics. Returns fn(logits, old_logits, labels, ignore) -> (loss, diag)."""
     if args.method == "ce":
         return lambda z, z_old, y, ignore: (F.cross_entropy(z.float(), y, ignore_index=ignore), None)
-    return lambda z, z_old, y, ignore: grpo_rm_loss(
-        z, z_old, y, args.clip_eps, args.uniformity, args.background_penalty, ignore,
-        diagnostics=True)
+    loss = torch.compile(grpo_rm_loss) if args.compile else grpo_rm_loss  # --compile fuses its passes
+    return lambda z, z_old, y, ignore: loss(z, z_old, y, args.clip_eps, args.uniformity,
+                                            args.background_penalty, ignore, diagnostics=True)
 
 
 def step_loss(model, old, x, y, loss_fn, seg):
@@ -1448,7 +1444,7 @@ def bench_build(args, ctx, method, num_classes):
 
     def forward():
         with torch.no_grad(), ctx.amp():
-            (old or net)(x)
+            (old if old is not None else net)(x)
     return step, forward, net
 
 

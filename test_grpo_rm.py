@@ -316,15 +316,17 @@ def test_preloaded_batches_equal_the_dataloaders(imagefolder, device):
     sampler = G.DistributedSampler(ds, 1, 0, shuffle=True, seed=3)
     pairs = zip(G.epoch_batches(ds, sampler, 1, 0, 8, args, ctx),
                 G.epoch_batches(raw, sampler, 1, 0, 8, args, ctx))
-    n = 0
-    for (x, y), (xp, yp) in pairs:  # the same images in the same order, resized alike
-        torch.testing.assert_close(xp.cpu(), x, atol=1e-5, rtol=0)
+    n, level = 0, 1 / 255 / min(G.STD)  # one uint8 level after normalisation
+    for (x, y), (xp, yp) in pairs:  # the same images in the same order, resized alike (on a GPU
+        # the bicubic kernel may round a pixel to the neighbouring uint8 level)
+        torch.testing.assert_close(xp.cpu(), x, atol=1e-5 if device == "cpu" else level + 1e-5, rtol=0)
         assert yp.cpu().tolist() == y.tolist()
         n += len(x)
     assert n == 24
     xt, _ = next(raw.batches(range(8), 8, True, 24))  # augmenting: itself or its mirror
     ref = torch.stack([ds[i][0] for i in range(8)])
-    assert all(torch.allclose(a.cpu(), r, atol=1e-5) or torch.allclose(a.cpu(), r.flip(-1), atol=1e-5)
+    tol = 1e-5 if device == "cpu" else level + 1e-5
+    assert all(torch.allclose(a.cpu(), r, atol=tol) or torch.allclose(a.cpu(), r.flip(-1), atol=tol)
                for a, r in zip(xt, ref))
 
 
@@ -801,7 +803,8 @@ def test_smoke_grpo_cls_refreshes_old_each_epoch(hub, imagefolder, tmp_path, mon
     assert saved["metrics"] == result["metrics"] and len(saved["train_loss"]) == 2
     assert saved["config"]["dtype"] == ("bf16" if device == "cuda" else "fp32")
     s = saved["series"]  # one entry per step: 3 steps per epoch
-    assert s["step"] == list(range(6)) and abs(s["loss"][0]) < 1e-6 > abs(s["loss"][3])  # ρ = 1
+    tol = 1e-6 if device == "cpu" else 1e-2  # ρ = 1 up to rounding: bf16 on the GPU
+    assert s["step"] == list(range(6)) and abs(s["loss"][0]) < tol > abs(s["loss"][3])
     assert saved["train_loss"][1] == pytest.approx(np.mean(s["loss"][3:]))
     assert set(s) == {"step", "lr", "loss", "grad_norm", *G.GRPO_DIAGNOSTICS}
     assert not (run / "ckpt.pt").exists()
@@ -1369,15 +1372,9 @@ def test_real_dinov2_seg_linear_and_ms(vocfolder, tmp_path, method):
 
 
 @REAL
-def test_real_dinov2_sdpa_patch_is_equivalent():
-    plain = torch.hub.load(DINOV2, "dinov2_vits14_reg", source="local", pretrained=False).eval()
-    patched = copy.deepcopy(plain)
-    assert G.use_sdpa(patched) == 12 and isinstance(patched.blocks[0].attn.attn_drop, float)
-    x = torch.randn(2, 3, 56, 42)
-    torch.testing.assert_close(patched.forward_features(x)["x_norm_clstoken"],
-                               plain.forward_features(x)["x_norm_clstoken"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(patched.get_intermediate_layers(x, 4, reshape=True),
-                               plain.get_intermediate_layers(x, 4, reshape=True), atol=1e-5, rtol=1e-5)
+def test_real_dinov2_calls_sdpa_itself():
+    m = torch.hub.load(DINOV2, "dinov2_vits14_reg", source="local", pretrained=False)
+    assert isinstance(m.blocks[0].attn.attn_drop, float) and G.use_sdpa(m) == 0  # left alone
 
 
 @REAL
