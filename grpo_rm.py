@@ -525,6 +525,8 @@ def load_backbone(hub_repo, name, weights=None, hub_kwargs=None):
     pinned = re.search(r":[0-9a-f]{40}$", hub_repo) is not None
     hint = ("offline: git clone https://github.com/facebookresearch/dinov2, then --hub-repo DIR "
             "--weights dinov2_vits14_pretrain.pth")
+    if local and os.path.abspath(hub_repo) not in sys.path:  # torch.hub.load takes it off again;
+        sys.path.insert(0, os.path.abspath(hub_repo))  # torch.compile re-imports its modules
     try:
         model = torch.hub.load(hub_repo, name, source="local" if local else "github",
                                trust_repo=True, skip_validation=pinned, **kwargs)

@@ -316,19 +316,20 @@ def test_preloaded_batches_equal_the_dataloaders(imagefolder, device):
     sampler = G.DistributedSampler(ds, 1, 0, shuffle=True, seed=3)
     pairs = zip(G.epoch_batches(ds, sampler, 1, 0, 8, args, ctx),
                 G.epoch_batches(raw, sampler, 1, 0, 8, args, ctx))
-    # On a GPU the uint8 bicubic kernel is not the CPU's integer one: a pixel may round a few
-    # uint8 levels away, the image as a whole not.
+    # On a GPU the uint8 bicubic kernel is not the CPU's integer one: a few pixels round some
+    # uint8 levels away (measured on an H100: 0.4% of them, by up to 8 levels), the image not.
     n, level = 0, 1 / 255 / min(G.STD)  # one uint8 level after normalisation
-    tol = 1e-5 if device == "cpu" else 4 * level
+    tol = 1e-5 if device == "cpu" else level + 1e-5
     for (x, y), (xp, yp) in pairs:  # the same images in the same order, resized alike
-        torch.testing.assert_close(xp.cpu(), x, atol=tol, rtol=0)
-        assert (xp.cpu() - x).abs().mean() < (1e-6 if device == "cpu" else level / 4)
+        diff = (xp.cpu() - x).abs()
+        assert (diff > tol).float().mean() < (1e-9 if device == "cpu" else 0.02)
+        assert diff.mean() < (1e-6 if device == "cpu" else level / 4) and diff.max() < 16 * level
         assert yp.cpu().tolist() == y.tolist()
         n += len(x)
     assert n == 24
     xt, _ = next(raw.batches(range(8), 8, True, 24))  # augmenting: itself or its mirror
     ref = torch.stack([ds[i][0] for i in range(8)])
-    assert all(torch.allclose(a.cpu(), r, atol=tol) or torch.allclose(a.cpu(), r.flip(-1), atol=tol)
+    assert all(min((a.cpu() - r).abs().mean(), (a.cpu() - r.flip(-1)).abs().mean()) < level / 4
                for a, r in zip(xt, ref))
 
 
