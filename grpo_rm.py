@@ -525,8 +525,6 @@ def load_backbone(hub_repo, name, weights=None, hub_kwargs=None):
     pinned = re.search(r":[0-9a-f]{40}$", hub_repo) is not None
     hint = ("offline: git clone https://github.com/facebookresearch/dinov2, then --hub-repo DIR "
             "--weights dinov2_vits14_pretrain.pth")
-    if local and os.path.abspath(hub_repo) not in sys.path:  # torch.hub.load takes it off again;
-        sys.path.insert(0, os.path.abspath(hub_repo))  # torch.compile re-imports its modules
     try:
         model = torch.hub.load(hub_repo, name, source="local" if local else "github",
                                trust_repo=True, skip_validation=pinned, **kwargs)
@@ -538,6 +536,12 @@ def load_backbone(hub_repo, name, weights=None, hub_kwargs=None):
                         f"({type(e).__name__}: {e}); {hint}") from None
     if weights:
         load_weights(model, weights, name)
+    # A local hubconf.py is executed as a module that is not registered; torch.compile looks the
+    # module of the classes it defines up by name (torch 2.11: "hubconf.py"), so register it.
+    for cls in {type(m) for m in model.modules()}:
+        if cls.__module__ not in sys.modules and hasattr(cls.forward, "__globals__"):
+            sys.modules[cls.__module__] = types.ModuleType(cls.__module__)
+            sys.modules[cls.__module__].__dict__.update(cls.forward.__globals__)
     return model
 
 
