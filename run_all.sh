@@ -14,8 +14,9 @@
 #   HUB_REPO   torch.hub repository [grpo_rm.py's pinned DINOv2 commit; mini: ../shared/hub]
 #   MODEL      hub entry point [dinov2_vits14; mini: dinov2_vitt8_tin]
 #   WEIGHTS    a local weights file for the backbone (offline use)
-#   SCALE      mini only: cpu (the sizes of README.md, about 3 hours on 2 cores) or gpu (larger sets)
-#   JOBS       runs at once [1]; small runs can share one GPU
+#   SCALE      mini only: cpu (subsets; about 3 hours on 2 cores with JOBS=2 OMP_NUM_THREADS=1)
+#              or gpu (whole sets, 50 steps an epoch)
+#   JOBS       runs at once [1]; small runs share the cores or the GPU better than one run alone
 #   PYTHON     [python3]
 # A run whose OUT/NAME/result.json exists is skipped and an interrupted run resumes from its
 # checkpoint (--resume), so an interrupted reproduction picks up where it stopped. Every target
@@ -124,22 +125,26 @@ table5() {  # the paper's batch over NPROC processes, synthetic batches of each 
   done
 }
 
-# The paper-length miniature: 100 epochs and about 50 steps an epoch (the paper's CIFAR-10 run
-# has 50,000 / 1,024 = 49), on small real datasets with the small pretrained backbone of ../hub.
-# SCALE=cpu trains on subsets (about 3 CPU-hours in all on 2 cores); SCALE=gpu on whole sets.
+# The paper-length miniature: the paper's 100 epochs, on small real datasets, with the small
+# pretrained backbone of ../hub. SCALE=gpu post-trains on whole sets with 50 steps an epoch (the
+# paper's CIFAR-10 run has 50,000 / 1,024 = 49). SCALE=cpu post-trains on subsets with 16 steps an
+# epoch: 320 CIFAR-10 and 320 Tiny-ImageNet images (batch 20), 128 CamVid images (batch 8). The
+# evaluation heads always train on the whole training split.
 mini() {
-  local c10 tin cam
+  local c10 tin cam cam_sub
   if [[ $SCALE == gpu ]]; then
-    c10=(--subset 1 --batch-size 200); tin=(--subset 1 --batch-size 100); cam=(--batch-size 32)
+    c10=(--subset 1 --batch-size 200); tin=(--subset 1 --batch-size 100)
+    cam=(--batch-size 32); cam_sub=1
   else
-    c10=(--subset 0.1 --batch-size 20); tin=(--subset 0.2 --batch-size 20); cam=(--batch-size 8 --subset 0.5)
+    c10=(--subset 0.032 --batch-size 20); tin=(--subset 0.064 --batch-size 20)
+    cam=(--batch-size 8); cam_sub=0.35
   fi
   local seed method lr
   for seed in $SEEDS; do for method in frozen ce grpo-eq4; do
     cls imagefolder cifar10_jpg_mini "$method" "$seed" --img-size 32 "${c10[@]}" --epochs 100 \
-      --eval-lr 1e-3 --workers 2
+      --eval-lr 1e-3 --preload --workers 2
     cls tinyimagenet tiny-imagenet-200-mini "$method" "$seed" "${tin[@]}" --epochs 100 --workers 2
-    seg vocfolder camvid_voc "$method" "$seed" 1 --num-classes 11 --img-size 64 --seg-size 32 \
+    seg vocfolder camvid_voc "$method" "$seed" "$cam_sub" --num-classes 11 --img-size 64 --seg-size 32 \
       "${cam[@]}" --epochs 100 --lr 1e-3 --eval-lr 1e-2 --workers 2
   done; done
   for seed in $SEEDS; do  # the paper's evaluation lr for segmentation, on the frozen backbone
@@ -149,7 +154,7 @@ mini() {
   done
   for seed in 0 1 2; do for lr in 1e-4 1e-5; do for method in ce grpo-eq4; do  # lr sweep
     TAG=lr$lr cls imagefolder cifar10_jpg_mini "$method" "$seed" --img-size 32 "${c10[@]}" \
-      --epochs 100 --lr "$lr" --eval-lr 1e-3 --workers 2
+      --epochs 100 --lr "$lr" --eval-lr 1e-3 --preload --workers 2
   done; done; done
 }
 
