@@ -1632,8 +1632,9 @@ def load_groups(root):
     for f in sorted(glob.glob(os.path.join(root, "*", "result.json"))):
         r = json.load(open(f))
         c, r["dir"] = r["config"], os.path.dirname(f)
+        frozen = c["method"] == "frozen"  # no post-training: its subset and lr do not matter
         key = Key(c["task"], data_label(c), c["method"], c["uniformity"] if c["method"] == "grpo"
-                  else "", c["subset"], 0.0 if c["method"] == "frozen" else c["lr"], c["eval_lr"])
+                  else "", 1.0 if frozen else c["subset"], 0.0 if frozen else c["lr"], c["eval_lr"])
         groups.setdefault(key, {})[c["seed"]] = r
     return groups
 
@@ -1644,11 +1645,13 @@ def values(runs, metric, ft=None):
             if ft is None or ft in r["metrics"]}
 
 
-def main_key(groups, task, data, method, uniformity="eq4", subset=1.0):
-    """The group a paper-shaped table shows for this method: the setting with the most seeds."""
-    keys = [k for k in groups if (k.task, k.data, k.method, k.subset) == (task, data, method, subset)
-            and k.uniformity == (uniformity if method == "grpo" else "")]
-    return max(keys, key=lambda k: (len(groups[k]), k.lr, k.eval_lr), default=None)
+def main_key(groups, task, data, method, uniformity="eq4", subset=None):
+    """The group a paper-shaped table shows for this method: of its settings (any subset if None),
+    the one with the most seeds; ties go to the larger subset, then the larger lr."""
+    keys = [k for k in groups if (k.task, k.data, k.method) == (task, data, method)
+            and k.uniformity == (uniformity if method == "grpo" else "")
+            and (subset is None or k.subset == subset or method == "frozen")]
+    return max(keys, key=lambda k: (len(groups[k]), k.subset, k.lr, k.eval_lr), default=None)
 
 
 def cell(vals, best=False):
@@ -1725,16 +1728,16 @@ def paired_table(groups):
         metrics = [(x, None) for x in CLS_METRICS] if t == "cls" else [
             (x, ft) for ft in ("linear", "ms") for x in SEG_METRICS]
         lead = metrics[0] if t == "cls" else ("miou", "linear")
-        ce = {k.lr: k for k in groups if (k.task, k.data, k.method, k.subset) == (t, d, "ce", 1.0)}
-        gr = {k.lr: k for k in groups if (k.task, k.data, k.method, k.subset, k.uniformity)
-              == (t, d, "grpo", 1.0, "eq4")}
-        best = {m: max(ks.values(), key=lambda k: np.mean(list(values(groups[k], *lead).values())
-                                                          or [-1]))
-                for m, ks in (("ce", ce), ("grpo", gr)) if ks}
-        pairs = [(f"lr {lr:g}", gr[lr], ce[lr]) for lr in sorted(set(ce) & set(gr), reverse=True)]
-        if len(ce) > 1 or len(gr) > 1:
-            pairs.append((f"best lr: {best['grpo'].lr:g} vs {best['ce'].lr:g}", best["grpo"],
-                          best["ce"]))
+        ce = {(k.subset, k.lr): k for k in groups if (k.task, k.data, k.method) == (t, d, "ce")}
+        gr = {(k.subset, k.lr): k for k in groups if (k.task, k.data, k.method, k.uniformity)
+              == (t, d, "grpo", "eq4")}
+        pairs = [(f"lr {lr:g}" + (f", {100 * s:g}% of the data" if s < 1 else ""), gr[s, lr], ce[s, lr])
+                 for s, lr in sorted(set(ce) & set(gr), reverse=True)]
+        for s in {s for s, _ in ce} & {s for s, _ in gr}:  # an lr sweep: each method at its best lr
+            best = [max((k for k in ks.values() if k.subset == s), key=lambda k: np.mean(
+                list(values(groups[k], *lead).values()) or [-1])) for ks in (gr, ce)]
+            if sum(k.subset == s for k in (*ce.values(), *gr.values())) > 2:
+                pairs.append((f"best lr: {best[0].lr:g} vs {best[1].lr:g}", *best))
         for name, kg, kc in pairs:
             for x, ft in metrics:
                 ci = paired_ci(values(groups[kg], x, ft), values(groups[kc], x, ft))
