@@ -1651,6 +1651,9 @@ def main_key(groups, task, data, method, uniformity="eq4", subset=None):
     keys = [k for k in groups if (k.task, k.data, k.method) == (task, data, method)
             and k.uniformity == (uniformity if method == "grpo" else "")
             and (subset is None or k.subset == subset or method == "frozen")]
+    if method == "frozen":  # evaluated as the fine-tuned backbones were: with their eval lr
+        ce = main_key(groups, task, data, "ce")
+        keys = [k for k in keys if ce is None or k.eval_lr == ce.eval_lr] or keys
     return max(keys, key=lambda k: (len(groups[k]), k.subset, k.lr, k.eval_lr), default=None)
 
 
@@ -1663,9 +1666,9 @@ def cell(vals, best=False):
     return f"**{text}**" if best else text
 
 
-def table(title, header, rows):
+def table(title, header, rows, plain=0):
     """rows: [(first cells, [{seed: value} per metric column])]; within each block of rows that
-    share the first cell, the best mean of each column is bold."""
+    share the first cell, the best mean of each column is bold (not in the last `plain` ones)."""
     out = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for block in sorted({r[0][0] for r in rows}, key=[r[0][0] for r in rows].index):
         mine = [r for r in rows if r[0][0] == block]
@@ -1673,7 +1676,8 @@ def table(title, header, rows):
                           for _, vals in mine])
         for (first, vals), m in zip(mine, means):
             best = [len(mine) > 1 and np.isfinite(x) and x == means[:, j].max()
-                    and (means[:, j] > -np.inf).sum() > 1 for j, x in enumerate(m)]
+                    and (means[:, j] > -np.inf).sum() > 1 and j < len(m) - plain
+                    for j, x in enumerate(m)]
             out.append("| " + " | ".join([*first, *(cell(v, b) for v, b in zip(vals, best))]) + " |")
     return out + [""]
 
@@ -1705,7 +1709,7 @@ def paper_tables(groups):
                           if r["sec_per_epoch"]}])
             for t, d in ablation for u, name in UNIFORMITY_NAMES.items()]
     out += table("Table 6: uniformity reward (SR % for cls, linear pixel acc % for seg; s/epoch)",
-                 ["Dataset", "Uniformity reward", "Accuracy", "s/epoch"], rows) if rows else []
+                 ["Dataset", "Uniformity reward", "Accuracy", "s/epoch"], rows, plain=1) if rows else []
     return out
 
 
@@ -1777,7 +1781,7 @@ def bench_table(benches):
         kw = {k: v for k, v in c.get("hub_kwargs", {}).items() if k != "pretrained"}
         model = c["model"] + (f" ({', '.join(f'{k} {v}' for k, v in kw.items())})" if kw else "")
         setting = (f"{c['img_size']} px, batch {c['batch_size']}, {c['dtype']}"
-                   f"{', compile' if c['compile'] else ''}")
+                   f"{', compile' if c['compile'] else ''}{', no-sdpa' if c['no_sdpa'] else ''}")
         mem = ce["peak_memory_gb"] and f"x{g['peak_memory_gb'] / ce['peak_memory_gb']:.3f}"
         for m, r in b["methods"].items():
             ratio = f"x{g['time_ratio']:.3f} | {fmt(mem, 's')}"
@@ -1806,11 +1810,12 @@ def put_text(d, xy, s, f, anchor="lt", fill="black"):
 
 
 def nice_ticks(lo, hi, n=5):
-    """About n round values covering [lo, hi]."""
+    """About n round values (multiples of 1, 2 or 5 × 10^k) within [lo, hi]."""
     raw = (hi - lo) / n if hi > lo else 1.0
     step = 10 ** math.floor(math.log10(raw))
     step *= next(m for m in (1, 2, 5, 10) if m * step >= raw)
-    return [t for t in np.arange(math.floor(lo / step) * step, hi + step, step) if lo <= t <= hi]
+    ks = range(math.ceil(lo / step), math.floor(hi / step) + 1)
+    return [float(f"{k * step:.12g}") for k in ks]  # k·step, without accumulated rounding
 
 
 def chart(d, box, title, xlabel, ylabel, lines, xgrid=()):
@@ -1870,15 +1875,17 @@ def figure3(root, groups):
         ep = lambda a: (np.arange(a.shape[1]) + 1) / per_epoch  # noqa: E731  step -> epoch
         zoom = gr[:, :int(3 * per_epoch)]
         grid = np.arange(0, ep(gr)[-1] + 1, max(1, round(ep(gr)[-1] / 25)))
-        panels = [("Fine-tuning: cross-entropy loss per step", {"ce": (ep(ce), ce.mean(0), blue)}),
-                  ("GRPO-RM: -J per step", {"grpo": (ep(gr), gr.mean(0), red)}),
-                  ("GRPO-RM: -J per step, epochs 1-3", {"grpo": (ep(zoom), zoom.mean(0), red)}),
-                  ("GRPO-RM: fraction of clipped terms per step", {"grpo": (ep(clip), clip.mean(0), red)})]
+        panels = [("Fine-tuning: cross-entropy per step", "loss", {"ce": (ep(ce), ce.mean(0), blue)}),
+                  ("GRPO-RM: -J per step", "loss", {"grpo": (ep(gr), gr.mean(0), red)}),
+                  ("GRPO-RM: -J per step, epochs 1-3", "loss",
+                   {"grpo": (ep(zoom), zoom.mean(0), red)}),
+                  ("GRPO-RM: clipped (sample, class) terms per step", "fraction",
+                   {"grpo": (ep(clip), clip.mean(0), red)})]
         img = Image.new("RGB", (1700, 760), "white")
         draw = __import__("PIL.ImageDraw", fromlist=["Draw"]).Draw(img)
-        for i, (title, lines) in enumerate(panels):
+        for i, (title, ylabel, lines) in enumerate(panels):
             x0, y0 = 90 + 850 * (i % 2), 60 + 380 * (i // 2)
-            chart(draw, (x0, y0, x0 + 730, y0 + 260), title, "epoch", "value", lines,
+            chart(draw, (x0, y0, x0 + 730, y0 + 260), title, "epoch", ylabel, lines,
                   np.arange(0, 4) if i == 2 else grid)
         name = d.replace(":", "_")
         img.save(os.path.join(root, f"fig3_{name}.png"))
