@@ -1525,5 +1525,9 @@ def test_figure3_from_per_step_series(tmp_path):
     rows = (tmp_path / "fig3_cifar10.csv").read_text().splitlines()
     assert rows[0].startswith("step,epoch,ce_loss_mean") and len(rows) == 1 + per_epoch * epochs
     assert rows[6].split(",")[:5] == ["6", "1.5000", "1.500000", "0.000000", "-0.010000"]
-    img = np.array(Image.open(tmp_path / "fig3_cifar10.png"))
-    assert img.shape[0] > 500 and (img != 255).any(axis=-1).mean() > 0.02  # drawn, not blank
+    img = np.array(Image.open(tmp_path / "fig3_cifar10.png").convert("RGB"))
+    h, w = img.shape[0] // 2, img.shape[1] // 2
+    blue, red = np.all(img == (31, 119, 180), -1), np.all(img == (214, 39, 40), -1)
+    # fine-tuning's curve top left, GRPO-RM's in the three other panels
+    assert blue[:h, :w].sum() > 100 and red[:h, w:].sum() > 100 and red[h:].sum() > 200
+    assert blue[:, w:].sum() == 0 and red[:h, :w].sum() < 20  # (the legend's label is red)
