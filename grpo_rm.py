@@ -202,7 +202,8 @@ def seg_transform(img_size, augment):
 
 
 def torchvision_set(cls, **splits):
-    """CIFAR-10/100, STL-10: torchvision's loaders; download when missing, one clear line offline."""
+    """CIFAR-10/100, STL-10: torchvision's loaders; a download when missing, one clear line
+    offline."""
     def build(root, split, transform):
         kw = dict(splits[split], transform=transform)
         try:
@@ -213,7 +214,8 @@ def torchvision_set(cls, **splits):
             return cls(root, download=True, **kw)
         except Exception as e:
             raise UserError(f"--data-dir {root}: {cls.__name__} is not there and could not be "
-                            f"downloaded ({type(e).__name__}); offline, copy its files there") from None
+                            f"downloaded ({type(e).__name__}); offline, copy its files there"
+                            ) from None
     return build
 
 
@@ -329,7 +331,8 @@ def voc_pairs(root, split):
                 None)
     if base is None:
         raise UserError(f"--data-dir {root}: no VOCdevkit/VOC2012/ImageSets/Segmentation folder")
-    lst = os.path.join(base, "ImageSets", "Segmentation", f"{'train' if split == 'train' else 'val'}.txt")
+    name = "train.txt" if split == "train" else "val.txt"
+    lst = os.path.join(base, "ImageSets", "Segmentation", name)
     ids = open(lst).read().split() if os.path.isfile(lst) else []
     return [(os.path.join(base, "JPEGImages", i + ".jpg"),
              os.path.join(base, "SegmentationClass", i + ".png")) for i in ids], lst
@@ -340,13 +343,15 @@ def folder_pairs(image_dirs, mask_dir):
     for im_dir in image_dirs:
         if os.path.isdir(im_dir):
             ims = sorted(glob.glob(os.path.join(im_dir, "*.jpg")))
-            return [(f, os.path.join(mask_dir, os.path.basename(f)[:-4] + ".png")) for f in ims], im_dir
+            masks = [os.path.join(mask_dir, os.path.basename(f)[:-4] + ".png") for f in ims]
+            return list(zip(ims, masks)), im_dir
     return [], image_dirs[0]
 
 
 def ade_pairs(root, split):
     nested = os.path.join(root, "ADEChallengeData2016")
-    base, d = nested if os.path.isdir(nested) else root, "training" if split == "train" else "validation"
+    base = nested if os.path.isdir(nested) else root
+    d = "training" if split == "train" else "validation"
     return folder_pairs([os.path.join(base, "images", d)], os.path.join(base, "annotations", d))
 
 
@@ -360,7 +365,8 @@ class SegFolder(Dataset):
     """(image, mask) file pairs; masks are palette or grey PNGs mapped through a lookup table."""
 
     def __init__(self, pairs, table, num_classes, transform):
-        self.pairs, self.table, self.num_classes, self.transform = pairs, table, num_classes, transform
+        self.pairs, self.table, self.transform = pairs, table, transform
+        self.num_classes = num_classes
 
     def __len__(self):
         return len(self.pairs)
@@ -405,16 +411,17 @@ class Spec:
     native: int = 0      # image side in pixels (0: unknown, then 224 for cls and 448 for seg)
     images: int = 0      # the paper's training-set size (its Table 1), for Table 5's s/epoch
     flags: str = ""      # "download": torchvision fetches it; "small": --preload by default;
-                         # "background": class 0 is background, the segmentation penalty is on
+    #                      "background": class 0 is background, the segmentation penalty is on
 
 
 CIFAR = dict(train={"train": True}, test={"train": False})
+DL_SMALL = "download small"
 STL = dict(train={"split": "train"}, test={"split": "test"})
 TV = torchvision.datasets
 DATASETS = {  # name: Spec(task, build, classes, native px, training images, flags)
-    "cifar10": Spec("cls", torchvision_set(TV.CIFAR10, **CIFAR), 10, 32, 50_000, "download small"),
-    "cifar100": Spec("cls", torchvision_set(TV.CIFAR100, **CIFAR), 100, 32, 50_000, "download small"),
-    "stl10": Spec("cls", torchvision_set(TV.STL10, **STL), 10, 96, 5_000, "download small"),
+    "cifar10": Spec("cls", torchvision_set(TV.CIFAR10, **CIFAR), 10, 32, 50_000, DL_SMALL),
+    "cifar100": Spec("cls", torchvision_set(TV.CIFAR100, **CIFAR), 100, 32, 50_000, DL_SMALL),
+    "stl10": Spec("cls", torchvision_set(TV.STL10, **STL), 10, 96, 5_000, DL_SMALL),
     "tinyimagenet": Spec("cls", TinyImageNet, 200, 64, 100_000, "small"),
     "imagenet": Spec("cls", image_folder, 1000, 0, 1_281_167),
     "imagefolder": Spec("cls", image_folder),  # any image folder; classes from its folders
@@ -821,7 +828,8 @@ def cosine_lr(step, total, lr_max, lr_min):
 
 
 def lr_range(base, batch_size):
-    """Section 4.2: from base·m/256 down to (base/100)·m/256 (1e-3 -> 1e-5 cls, 1e-5 -> 1e-7 seg)."""
+    """Section 4.2: from base·m/256 down to (base/100)·m/256 (1e-3 -> 1e-5 cls, 1e-5 -> 1e-7
+    seg)."""
     return base * batch_size / 256, base / 100 * batch_size / 256
 
 
@@ -829,10 +837,15 @@ def make_loss(args):
     """The loss of a batch of logits (N, c): -J of Eq. (1) (GRPO-RM) or cross-entropy, and for
     GRPO-RM its diagnostics. Returns fn(logits, old_logits, labels, ignore) -> (loss, diag)."""
     if args.method == "ce":
-        return lambda z, z_old, y, ignore: (F.cross_entropy(z.float(), y, ignore_index=ignore), None)
-    loss = torch.compile(grpo_rm_loss) if args.compile else grpo_rm_loss  # --compile fuses its passes
-    return lambda z, z_old, y, ignore: loss(z, z_old, y, args.clip_eps, args.uniformity,
-                                            args.background_penalty, ignore, diagnostics=True)
+        def ce(z, z_old, y, ignore):
+            return F.cross_entropy(z.float(), y, ignore_index=ignore), None
+        return ce
+    loss = torch.compile(grpo_rm_loss) if args.compile else grpo_rm_loss  # fuses its passes
+
+    def grpo(z, z_old, y, ignore):
+        return loss(z, z_old, y, args.clip_eps, args.uniformity, args.background_penalty, ignore,
+                    diagnostics=True)
+    return grpo
 
 
 def step_loss(model, old, x, y, loss_fn, seg):
@@ -879,7 +892,8 @@ def prepare_training(net, compile_, lr, ctx):
 
 
 class RunStopped(UserError):
-    """The run stopped before its end (a signal, a non-finite loss); the message says how to go on."""
+    """The run stopped before its end (a signal, a non-finite loss); the message says how to go
+    on."""
 
 
 def atomic_save(path, write):
@@ -925,7 +939,8 @@ def load_checkpoint(path, args, net, old, opt):
 
 
 def on_signals(handler):
-    """Install handler for SIGTERM and SIGINT; returns a function that restores the previous ones."""
+    """Install handler for SIGTERM and SIGINT; returns a function that restores the previous
+    ones."""
     before = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     return lambda: [signal.signal(s, h) for s, h in before.items()]
 
@@ -941,7 +956,8 @@ def agreed(value, ctx):
 
 def flush(rows, st, ctx, ckpt):
     """Move the buffered steps into st["series"]: the training loop's only host sync. Under DDP a
-    value is the mean over ranks (ratio_dev_max: the max). Stops at a non-finite loss or gradient."""
+    value is the mean over ranks (ratio_dev_max: the max). Stops at a non-finite loss or
+    gradient."""
     if not rows:
         return
     steps, lrs, t = [r[0] for r in rows], [r[1] for r in rows], torch.stack([r[2] for r in rows])
@@ -957,9 +973,10 @@ def flush(rows, st, ctx, ckpt):
     bad = [s for s, a, b in zip(steps, values["loss"], values["grad_norm"])
            if not math.isfinite(a + b)]
     if bad:
+        last = ckpt if os.path.isfile(ckpt) else "none"
         raise RunStopped(f"non-finite loss or gradient at epoch {st['epoch'] + 1}, step "
-                         f"{bad[0] + 1}; last good checkpoint: {ckpt if os.path.isfile(ckpt) else 'none'} "
-                         "(lower --lr or use --dtype fp32, then --resume)")
+                         f"{bad[0] + 1}; last good checkpoint: {last} (lower --lr or use "
+                         "--dtype fp32, then --resume)")
     for k, v in [("step", steps), ("lr", lrs), *values.items()]:
         st["series"][k] += v
 
@@ -1207,14 +1224,14 @@ def evaluate_cls(args, ctx, net, train_eval, test, num_classes, spill):
 
 
 @torch.no_grad()
-def predict_seg(net, heads, x, args, ctx):
+def predict_seg(net, heads, x, scales, seg_size, ctx):
     """Class probabilities (B, c, H, W) at the input resolution, per feature type: "linear" is the
     last layer at scale 1; "ms" averages the 4-layer head over --ms-scales and horizontal flips,
     as DINOv2's multi-scale evaluation does. Each (scale, flip) is one backbone pass."""
     H, W = x.shape[-2:]
     p, D = net.backbone.patch_size, net.backbone.embed_dim
     plan = {(1.0, False): ["linear"]} if "linear" in heads else {}
-    for s in args.ms_scales if "ms" in heads else []:
+    for s in scales if "ms" in heads else []:
         for flip in (False, True):
             plan.setdefault((s, flip), []).append("ms")
     probs = {ft: 0 for ft in heads}
@@ -1225,7 +1242,7 @@ def predict_seg(net, heads, x, args, ctx):
             f = net.features(xs.flip(-1) if flip else xs, 4 if "ms" in heads else 1)
         for ft in types_:
             with ctx.amp():  # linear: the last layer's D channels of f (B, n·D, h, w)
-                z = heads[ft](f if ft == "ms" else f[:, -D:], size=(round(args.seg_size * s),) * 2)
+                z = heads[ft](f if ft == "ms" else f[:, -D:], size=(round(seg_size * s),) * 2)
             z = F.interpolate(z.float(), size=(H, W), mode="bilinear", align_corners=False)
             probs[ft] = probs[ft] + (z.flip(-1) if flip else z).softmax(1)  # the flip undone
     n = {ft: sum(ft in t for t in plan.values()) for ft in heads}
@@ -1252,12 +1269,13 @@ def evaluate_seg(args, ctx, net, train_eval, test, num_classes, run_dir, spill):
     show = np.linspace(0, n_local - 1, args.save_vis).round().astype(int).tolist()
     t0, pos = time.time(), 0
     for x, y in batches:  # the test split: one backbone pass per scale and flip
-        probs = predict_seg(net, heads, x.to(ctx.device), args, ctx)
+        probs = predict_seg(net, heads, x.to(ctx.device), args.ms_scales, args.seg_size, ctx)
         for ft, pr in probs.items():
             conf[ft] += confusion_matrix(pr.argmax(1).cpu(), y, num_classes, IGNORE)
         pred = probs[args.feature_type[0]].argmax(1).cpu()
         for b in (b for b in range(len(x)) if ctx.rank == 0 and pos + b in show):
-            save_vis(x[b], y[b], pred[b], os.path.join(run_dir, "vis", f"{show.index(pos + b):03d}.png"))
+            path = os.path.join(run_dir, "vis", f"{show.index(pos + b):03d}.png")
+            save_vis(x[b], y[b], pred[b], path)
         pos += len(x)
     feature_seconds += time.time() - t0
     out = {}
@@ -1340,7 +1358,8 @@ def evaluate(args, ctx, net, train_eval, test, num_classes, run_dir):
     restore, t0 = on_signals(stop), time.time()
     spill = os.path.join(run_dir, f"cache-{ctx.rank}")  # features over --eval-memory-gb go here
     if ctx.rank == 0:
-        print(f"evaluating: {args.eval_epochs} epochs of a fresh head on frozen features", flush=True)
+        print(f"evaluating: {args.eval_epochs} epochs of a fresh head on frozen features",
+              flush=True)
     try:
         net.eval()
         if args.task == "cls":
@@ -1407,7 +1426,7 @@ def main(argv=None):
 
 
 # =============================================================================
-# Tooling: --bench. The cost of GRPO-RM against fine-tuning on synthetic batches of a run's shape
+# Tooling: --bench. What GRPO-RM costs over fine-tuning, on synthetic batches of a run's shape
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s, for MFU
 
@@ -1454,50 +1473,54 @@ def bench_build(args, ctx, method, num_classes):
     return step, forward, net
 
 
-def bench_methods(args, ctx, num_classes):
-    """ce and grpo: peak memory and FLOPs of each alone, then step times in 5 alternating rounds
-    of --bench-steps steps; the time ratio is the median of the 5 rounds' ratios, so that a
-    machine whose speed drifts affects both methods alike."""
-    from torch.utils.flop_counter import FlopCounterMode
-    cuda = ctx.device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    built, rows = {}, {}
-    for m in ("ce", "grpo"):
-        before = torch.cuda.memory_allocated() / 2**30 if cuda else 0  # the methods built before
-        torch.cuda.reset_peak_memory_stats() if cuda else None
-        built[m] = bench_build(args, ctx, m, num_classes)
-        for _ in range(args.bench_warmup):
-            built[m][0]()
-        with FlopCounterMode(display=False) as counter:
-            built[m][0]()
-        sync()
-        macs = linear_macs(built[m][2], torch.zeros(1, 3, args.img_size, args.img_size,
-                                                    device=ctx.device))
-        # Peak memory per method: CUDA's allocator knows it; a CPU process's resident set cannot
-        # be split between two methods (the C allocator keeps what the first one freed).
-        rows[m] = {"flops_per_step": counter.get_total_flops() * ctx.world,
-                   "fwd_macs_per_image": macs * (2 if m == "grpo" else 1),  # θ_old: one more
-                   "peak_memory_gb": peak_memory_gb(ctx.device) - before if cuda else None}
-    fns = {"ce": built["ce"][0], "grpo": built["grpo"][0], "fwd": built["grpo"][1]}
-    times = {m: [] for m in fns}  # "fwd": θ_old's forward alone
-    for _ in range(5):
-        for m, fn in fns.items():
+def time_rounds(fns, steps, ctx, rounds=5):
+    """Seconds per call of each function, in rounds that alternate between them:
+    {name: [seconds, one per round]}."""
+    sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
             if ctx.world > 1:
                 dist.barrier()
             sync()
             t0 = time.perf_counter()
-            for _ in range(args.bench_steps):
+            for _ in range(steps):
                 fn()
             sync()
-            times[m].append((time.perf_counter() - t0) / args.bench_steps)
+            times[name].append((time.perf_counter() - t0) / steps)
+    return times
+
+
+def bench_methods(args, ctx, num_classes):
+    """ce and grpo: the FLOPs and (GPU) peak memory of each alone, then step times in alternating
+    rounds; the time ratio is the median of the rounds' ratios, so that a machine whose speed
+    drifts affects both methods alike."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cuda, built, rows = ctx.device.type == "cuda", {}, {}
+    one = torch.zeros(1, 3, args.img_size, args.img_size, device=ctx.device)
+    for m in ("ce", "grpo"):
+        before = torch.cuda.memory_allocated() / 2**30 if cuda else 0  # what ce keeps, for grpo
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        step, forward, net = built[m] = bench_build(args, ctx, m, num_classes)
+        for _ in range(args.bench_warmup):
+            step()
+        with FlopCounterMode(display=False) as counter:
+            step()
+        # Peak memory per method: CUDA's allocator knows it; a CPU process's resident set cannot
+        # be split between two methods (the C allocator keeps what the first one freed).
+        peak = peak_memory_gb(ctx.device) - before if cuda else None
+        total = all_reduce_sum(torch.tensor([peak or 0.0], dtype=torch.float64), ctx).item()
+        rows[m] = {"flops_per_step": counter.get_total_flops() * ctx.world,
+                   "fwd_macs_per_image": linear_macs(net, one) * (2 if m == "grpo" else 1),
+                   "peak_memory_gb": peak, "memory_sum_gb": total if cuda else None}
+    times = time_rounds({"ce": built["ce"][0], "grpo": built["grpo"][0],
+                         "old": built["grpo"][1]}, args.bench_steps, ctx)
     for m, r in rows.items():
         dt = float(np.median(times[m]))
-        r.update(ms_per_step=1e3 * dt, img_per_s=args.batch_size / dt, memory_sum_gb=None)
-        if cuda:
-            mem = torch.tensor([r["peak_memory_gb"]], dtype=torch.float64)
-            r["memory_sum_gb"] = all_reduce_sum(mem, ctx).item()
-    rows["grpo"]["old_forward_ms"] = 1e3 * float(np.median(times["fwd"]))
-    rows["grpo"]["time_ratio"] = float(np.median(np.array(times["grpo"]) / times["ce"]))
+        r.update(ms_per_step=1e3 * dt, img_per_s=args.batch_size / dt)
+    rows["grpo"].update(old_forward_ms=1e3 * float(np.median(times["old"])),
+                        time_ratio=float(np.median(np.array(times["grpo"]) / times["ce"])))
     return rows
 
 
@@ -1515,56 +1538,82 @@ def bench_loss(n, c, dtype, device, steps=10):
         with torch.autograd.graph.saved_tensors_hooks(
                 lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
             fn().backward()
-        for _ in range(2):
-            fn().backward()
-        torch.cuda.synchronize() if cuda else None
-        torch.cuda.reset_peak_memory_stats() if cuda else None
+        fn().backward()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         base, t0 = torch.cuda.memory_allocated() if cuda else 0, time.perf_counter()
         for _ in range(steps):
             z.grad = None
             fn().backward()
-        torch.cuda.synchronize() if cuda else None
+        if cuda:
+            torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else None
         out[name] = {"ms": 1e3 * (time.perf_counter() - t0) / steps, "saved_bytes": sum(saved),
-                     "peak_gb": (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else None}
+                     "peak_gb": peak}
     return {"n": n, "c": c, "dtype": str(dtype)[6:], "logit_bytes": z.numel() * z.element_size(),
             **out}
 
 
+def paper_units(rows, args, spec, ctx):
+    """Add Table 5's units: forward MACs per batch, seconds per epoch of the paper's training set
+    (from the measured step time), and MFU against the GPU's dense bf16 peak."""
+    dev = device_name(ctx.device)
+    peak = next((v for k, v in PEAK_BF16.items() if k in dev), None)
+    peak = peak if args.dtype == "bf16" else None
+    steps = math.ceil(spec.images / args.batch_size) if spec.images else None
+    for r in rows.values():
+        r["fwd_macs_per_batch"] = r["fwd_macs_per_image"] * args.batch_size
+        r["sec_per_epoch_paper"] = r["ms_per_step"] * steps / 1e3 if steps else None
+        flop_per_s = r["flops_per_step"] / (r["ms_per_step"] / 1e3)
+        r["mfu"] = flop_per_s / (peak * ctx.world) if peak else None
+
+
 def bench(args, ctx):
-    """ce and grpo in turn, in this process (torchrun: one rank per GPU, the batch split as in
-    training), then the loss alone at the run's shape. Prints a table; writes OUT/bench-*.json."""
+    """ce and grpo in this process (under torchrun one per GPU, the batch split as in training),
+    then the loss alone at the run's shape, and the input pipeline when --data-dir holds the
+    data. Prints the figures; writes OUT/bench-*.json."""
     spec = DATASETS[args.dataset]
-    num_classes = args.num_classes or spec.classes
+    backbone = rank0_first(ctx, lambda: load_backbone(args.hub_repo, args.model, args.weights,
+                                                      args.hub_kwargs))
+    args.img_size = args.img_size or default_img_size(spec, backbone.patch_size)
+    data = build_data(args, ctx) if os.path.isdir(args.data_dir) else None
+    num_classes = args.num_classes or spec.classes or (data[0] if data else 0)
     if not num_classes:
-        raise UserError(f"--bench --dataset {args.dataset} needs --num-classes")
-    patch = rank0_first(ctx, lambda: load_backbone(args.hub_repo, args.model, args.weights,
-                                                   args.hub_kwargs)).patch_size
-    args.img_size = args.img_size or default_img_size(spec, patch)
+        raise UserError(f"--bench --dataset {args.dataset} needs --num-classes or --data-dir")
     try:
         rows = bench_methods(args, ctx, num_classes)
     except torch.OutOfMemoryError:
-        raise UserError(f"--bench: out of GPU memory at {args.batch_size // ctx.world} images per "
-                        "process; lower --batch-size") from None
+        raise UserError(f"--bench: out of GPU memory at {args.batch_size // ctx.world} images "
+                        "per process; lower --batch-size") from None
     b = args.batch_size // ctx.world
-    n = b * args.seg_size**2 if args.task == "seg" else b
+    n = b * args.seg_size**2 if args.task == "seg" else b  # samples of the loss: pixels or images
     loss = bench_loss(n, num_classes, ctx.amp_dtype, ctx.device, args.bench_steps)
-    dev = device_name(ctx.device)
-    peak = next((v for k, v in PEAK_BF16.items() if k in dev), None) if args.dtype == "bf16" else None
-    for r in rows.values():
-        r["mfu"] = r["flops_per_step"] / (r["ms_per_step"] / 1e3) / (peak * ctx.world) if peak else None
-        r["fwd_macs_per_batch"] = r["fwd_macs_per_image"] * args.batch_size
-        steps = math.ceil(spec.images / args.batch_size) if spec.images else None
-        r["sec_per_epoch_paper"] = r["ms_per_step"] * steps / 1e3 if steps else None
-    result = {"config": vars(args), "device": dev, "world_size": ctx.world, "torch": torch.__version__,
-              "methods": rows, "loss": loss, "date": time.strftime("%Y-%m-%d")}
+    paper_units(rows, args, spec, ctx)
+    result = {"config": vars(args), "device": device_name(ctx.device), "world_size": ctx.world,
+              "torch": torch.__version__, "methods": rows, "loss": loss,
+              "loader_img_per_s": loader_speed(data[1], args, ctx) if data else None,
+              "date": time.strftime("%Y-%m-%d")}
     if ctx.rank == 0:
         print("\n".join(bench_lines(result)))
-        os.makedirs(args.out, exist_ok=True)
         tag = f"{'-compile' if args.compile else ''}{'-nosdpa' if args.no_sdpa else ''}"
-        write_json_atomic(os.path.join(args.out, f"bench-{args.task}-{args.dataset}-{args.model}-"
-                                       f"{args.img_size}px-b{args.batch_size}-w{ctx.world}{tag}.json"),
-                          result)
+        name = (f"bench-{args.task}-{args.dataset}-{args.model}-{args.img_size}px-"
+                f"b{args.batch_size}-w{ctx.world}{tag}.json")
+        os.makedirs(args.out, exist_ok=True)
+        write_json_atomic(os.path.join(args.out, name), result)
     return result
+
+
+def loader_speed(train_set, args, ctx, n_batches=10):
+    """Images/s of the real input pipeline: decode, resize, normalise (or the preloaded path)."""
+    sampler = DistributedSampler(train_set, 1, 0, shuffle=True, seed=0)
+    batches = iter(epoch_batches(train_set, sampler, 0, 0, args.batch_size // ctx.world, args,
+                                 ctx))
+    next(batches)  # the workers start
+    n, t0 = 0, time.perf_counter()
+    for _, (x, _) in zip(range(n_batches), batches):
+        n += len(x.to(ctx.device))
+    return n / (time.perf_counter() - t0)
 
 
 def fmt(v, spec=".2f"):
@@ -1572,29 +1621,37 @@ def fmt(v, spec=".2f"):
 
 
 def bench_lines(res):
+    """A bench result as printed: one row per method, the grpo/ce ratios, the loss alone."""
     c, rows, L = res["config"], res["methods"], res["loss"]
-    g, ce = rows["grpo"], rows["ce"]
+    ce, g = rows["ce"], rows["grpo"]
     out = [f"{c['model']} {c['task']} {c['img_size']} px, batch {c['batch_size']} over "
-           f"{res['world_size']} process(es), {c['dtype']}, compile {c['compile']}, on {res['device']}",
+           f"{res['world_size']} process(es), {c['dtype']}, compile {c['compile']}, "
+           f"on {res['device']}",
            "| method | ms/step | img/s | GFLOP/step | fwd GMAC/batch | s/epoch (paper's set) | "
            "peak GB/process | GB all processes | MFU |", "|---|---|---|---|---|---|---|---|---|"]
     for m, r in rows.items():
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "—"
-        out.append(f"| {m} | {r['ms_per_step']:.1f} | {r['img_per_s']:.0f} | "
-                   f"{r['flops_per_step'] / 1e9:.1f} | {r['fwd_macs_per_batch'] / 1e9:.1f} | "
-                   f"{fmt(r['sec_per_epoch_paper'], '.1f')} | {fmt(r['peak_memory_gb'], '.3f')} | "
-                   f"{fmt(r['memory_sum_gb'], '.3f')} | {mfu} |")
+        cells = [f"{r['ms_per_step']:.1f}", f"{r['img_per_s']:.0f}",
+                 f"{r['flops_per_step'] / 1e9:.1f}", f"{r['fwd_macs_per_batch'] / 1e9:.1f}",
+                 fmt(r["sec_per_epoch_paper"], ".1f"), fmt(r["peak_memory_gb"], ".3f"),
+                 fmt(r["memory_sum_gb"], ".3f"), f"{100 * r['mfu']:.1f}%" if r["mfu"] else "—"]
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
     mem = (f"x{g['peak_memory_gb'] / ce['peak_memory_gb']:.3f}" if ce["peak_memory_gb"]
            else "— (GPU only)")
     out.append(f"grpo/ce: time x{g['time_ratio']:.3f}, FLOPs "
-               f"x{g['flops_per_step'] / ce['flops_per_step']:.3f}, peak memory {mem}; θ_old's forward alone "
-               f"{g['old_forward_ms']:.1f} ms = {g['old_forward_ms'] / ce['ms_per_step']:.3f} of a ce step")
+               f"x{g['flops_per_step'] / ce['flops_per_step']:.3f}, peak memory {mem}; "
+               f"θ_old's forward alone {g['old_forward_ms']:.1f} ms = "
+               f"{g['old_forward_ms'] / ce['ms_per_step']:.3f} of a ce step")
+    parts = [f"{m} {L[m]['ms']:.2f} ms, saved {L[m]['saved_bytes'] / L['logit_bytes']:.2f}x "
+             f"the logits" + (f", peak {L[m]['peak_gb']:.3f} GB" if L[m]["peak_gb"] else "")
+             for m in ("ce", "grpo")]
     out.append(f"loss alone, N = {L['n']} x c = {L['c']} ({L['dtype']} logits, "
-               f"{L['logit_bytes'] / 2**20:.1f} MiB): " + " | ".join(
-                   f"{m} {L[m]['ms']:.2f} ms, saved {L[m]['saved_bytes'] / L['logit_bytes']:.2f}x"
-                   f" the logits" + (f", peak {L[m]['peak_gb']:.3f} GB" if L[m]["peak_gb"] else "")
-                   for m in ("ce", "grpo")) +
+               f"{L['logit_bytes'] / 2**20:.1f} MiB): " + " | ".join(parts) +
                f" | grpo/ce saved bytes x{L['grpo']['saved_bytes'] / L['ce']['saved_bytes']:.2f}")
+    if res["loader_img_per_s"]:
+        slower = "loader" if res["loader_img_per_s"] < g["img_per_s"] else "model"
+        out.append(f"input pipeline: {res['loader_img_per_s']:.0f} img/s against the model's "
+                   f"{ce['img_per_s']:.0f} (ce) and {g['img_per_s']:.0f} (grpo): the {slower} is "
+                   "the bottleneck")
     return out
 
 
@@ -1610,20 +1667,20 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 
 @dataclass(frozen=True, order=True)
 class Key:
-    """What makes runs one group (they differ by seed only)."""
+    """What makes runs one group: they differ by their seed only."""
     task: str
     data: str
     method: str
-    uniformity: str
-    subset: float
-    lr: float
+    uniformity: str  # "" unless grpo
+    subset: float    # 1.0 for frozen runs: they post-train nothing
+    lr: float        # 0.0 for frozen runs
     eval_lr: float
 
 
 def data_label(cfg):
-    folder = cfg["dataset"] in ("imagefolder", "vocfolder")
-    return f"{cfg['dataset']}:{os.path.basename(os.path.normpath(cfg['data_dir']))}" if folder \
-        else cfg["dataset"]
+    if cfg["dataset"] not in ("imagefolder", "vocfolder"):
+        return cfg["dataset"]
+    return f"{cfg['dataset']}:{os.path.basename(os.path.normpath(cfg['data_dir']))}"
 
 
 def load_groups(root):
@@ -1632,9 +1689,10 @@ def load_groups(root):
     for f in sorted(glob.glob(os.path.join(root, "*", "result.json"))):
         r = json.load(open(f))
         c, r["dir"] = r["config"], os.path.dirname(f)
-        frozen = c["method"] == "frozen"  # no post-training: its subset and lr do not matter
-        key = Key(c["task"], data_label(c), c["method"], c["uniformity"] if c["method"] == "grpo"
-                  else "", 1.0 if frozen else c["subset"], 0.0 if frozen else c["lr"], c["eval_lr"])
+        frozen = c["method"] == "frozen"
+        key = Key(c["task"], data_label(c), c["method"],
+                  c["uniformity"] if c["method"] == "grpo" else "",
+                  1.0 if frozen else c["subset"], 0.0 if frozen else c["lr"], c["eval_lr"])
         groups.setdefault(key, {})[c["seed"]] = r
     return groups
 
@@ -1661,56 +1719,72 @@ def cell(vals, best=False):
     """'mean ± std' over seeds (sample std; one run: its value), bold when best, '—' when none."""
     if not vals:
         return "—"
-    v = list(vals.values()) if isinstance(vals, dict) else vals
+    v = list(vals.values())
     text = f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
     return f"**{text}**" if best else text
 
 
 def table(title, header, rows, plain=0):
-    """rows: [(first cells, [{seed: value} per metric column])]; within each block of rows that
+    """rows: [(first cells, [{seed: value} per metric column])]. Within each block of rows that
     share the first cell, the best mean of each column is bold (not in the last `plain` ones)."""
     out = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for block in sorted({r[0][0] for r in rows}, key=[r[0][0] for r in rows].index):
-        mine = [r for r in rows if r[0][0] == block]
+    blocks = list(dict.fromkeys(first[0] for first, _ in rows))
+    for block in blocks:
+        mine = [(first, vals) for first, vals in rows if first[0] == block]
         means = np.array([[np.mean(list(v.values())) if v else -np.inf for v in vals]
-                          for _, vals in mine])
+                          for _, vals in mine])  # (rows, columns)
         for (first, vals), m in zip(mine, means):
             best = [len(mine) > 1 and np.isfinite(x) and x == means[:, j].max()
                     and (means[:, j] > -np.inf).sum() > 1 and j < len(m) - plain
                     for j, x in enumerate(m)]
-            out.append("| " + " | ".join([*first, *(cell(v, b) for v, b in zip(vals, best))]) + " |")
+            cells = [*first, *(cell(v, b) for v, b in zip(vals, best))]
+            out.append("| " + " | ".join(cells) + " |")
     return out + [""]
 
 
-def paper_tables(groups):
-    """Tables 3, 2/4 and 6, shaped like the paper's, from the main group of each method."""
-    def runs(*a, **kw):
-        k = main_key(groups, *a, **kw)
-        return groups[k] if k else {}
+def main_runs(groups, *key, **kw):
+    k = main_key(groups, *key, **kw)
+    return groups[k] if k else {}
 
-    out, cls = [], sorted({k.data for k in groups if k.task == "cls"})
-    rows = [((d, name), [values(runs("cls", d, m), x) for x in CLS_METRICS])
-            for d in cls for m, name in METHODS.items()]
-    out += table("Table 3: classification, top-1 % (SR = softmax regression)",
-                 ["Dataset", "Method", "SR", "kNN"], rows) if cls else []
+
+def table3(groups):
+    rows = [((d, name), [values(main_runs(groups, "cls", d, m), x) for x in CLS_METRICS])
+            for d in sorted({k.data for k in groups if k.task == "cls"})
+            for m, name in METHODS.items()]
+    return table("Table 3: classification, top-1 % (SR = softmax regression)",
+                 ["Dataset", "Method", "SR", "kNN"], rows) if rows else []
+
+
+def tables2and4(groups):
+    out = []
     for d in sorted({k.data for k in groups if k.task == "seg"}):
-        subs = sorted({k.subset for k in groups if k.data == d and k.method != "frozen"})
-        fts = [ft for ft in ("linear", "ms") if any(ft in r["metrics"] for k, g in groups.items()
-                                                   if k.data == d for r in g.values())]
-        rows = [((ft, name + (f" ({100 * s:g}%)" if s < 1 else "")),
-                 [values(runs("seg", d, m, subset=s), x, ft) for x in SEG_METRICS])
-                for ft in fts for m, name in METHODS.items() for s in ([1.0] if m == "frozen" else subs)]
+        subsets = sorted({k.subset for k in groups if k.data == d and k.method != "frozen"})
+        results = [r for k, g in groups.items() if k.data == d for r in g.values()]
+        fts = [ft for ft in ("linear", "ms") if any(ft in r["metrics"] for r in results)]
+        rows = []
+        for ft in fts:
+            for m, name in METHODS.items():
+                for s in [1.0] if m == "frozen" else subsets:
+                    runs = main_runs(groups, "seg", d, m, subset=s)
+                    rows.append(((ft, name + (f" ({100 * s:g}%)" if s < 1 else "")),
+                                 [values(runs, x, ft) for x in SEG_METRICS]))
         out += table(f"Tables 2/4: segmentation on {d}, % (IoU: frequency-weighted)",
                      ["Feature type", "Method", "Pixel Acc", "IoU", "mIoU"], rows)
-    ablation = sorted({(k.task, k.data) for k in groups if k.uniformity in ("eq5", "none")})
-    rows = [((d, name), [values(runs(t, d, "grpo", u), "sr" if t == "cls" else "pixel_acc",
-                                None if t == "cls" else "linear"),
-                         {s: float(np.mean(r["sec_per_epoch"])) for s, r in runs(t, d, "grpo", u).items()
-                          if r["sec_per_epoch"]}])
-            for t, d in ablation for u, name in UNIFORMITY_NAMES.items()]
-    out += table("Table 6: uniformity reward (SR % for cls, linear pixel acc % for seg; s/epoch)",
-                 ["Dataset", "Uniformity reward", "Accuracy", "s/epoch"], rows, plain=1) if rows else []
     return out
+
+
+def table6(groups):
+    rows = []
+    for t, d in sorted({(k.task, k.data) for k in groups if k.uniformity in ("eq5", "none")}):
+        for u, name in UNIFORMITY_NAMES.items():
+            runs = main_runs(groups, t, d, "grpo", u)
+            accuracy = values(runs, "sr") if t == "cls" else values(runs, "pixel_acc", "linear")
+            seconds = {s: float(np.mean(r["sec_per_epoch"])) for s, r in runs.items()
+                       if r["sec_per_epoch"]}
+            rows.append(((d, name), [accuracy, seconds]))
+    title = "Table 6: uniformity reward (SR % for cls, linear pixel acc % for seg; s/epoch)"
+    return table(title, ["Dataset", "Uniformity reward", "Accuracy", "s/epoch"], rows,
+                 plain=1) if rows else []
 
 
 def paired_ci(a, b):
@@ -1723,26 +1797,37 @@ def paired_ci(a, b):
     return d.mean(), d.mean() - half, d.mean() + half, len(d)
 
 
+def comparisons(groups, t, d, lead):
+    """The (name, grpo key, ce key) pairs to compare on one dataset: every (subset, lr) both ran,
+    and, where an lr sweep exists, each method at its own best lr (by the metric `lead`)."""
+    ce = {(k.subset, k.lr): k for k in groups if (k.task, k.data, k.method) == (t, d, "ce")}
+    gr = {(k.subset, k.lr): k for k in groups
+          if (k.task, k.data, k.method, k.uniformity) == (t, d, "grpo", "eq4")}
+    pairs = [(f"lr {lr:g}" + (f", {100 * s:g}% of the data" if s < 1 else ""), gr[s, lr], ce[s, lr])
+             for s, lr in sorted(set(ce) & set(gr), reverse=True)]
+    for s in {s for s, _ in ce} & {s for s, _ in gr}:
+        if sum(k.subset == s for k in (*ce.values(), *gr.values())) <= 2:
+            continue  # one lr each: nothing to choose
+
+        def mean_lead(k):
+            return np.mean(list(values(groups[k], *lead).values()) or [-1])
+        best = [max((k for k in ks.values() if k.subset == s), key=mean_lead) for ks in (gr, ce)]
+        pairs.append((f"best lr: {best[0].lr:g} vs {best[1].lr:g}", *best))
+    return pairs
+
+
 def paired_table(groups):
     """GRPO-RM minus fine-tuning per dataset, paired by seed (same seed: same subset, same head
-    initialisation): at every learning rate both ran, and with each method at its best lr."""
+    initialisation), with 95% confidence intervals."""
     out = ["### GRPO-RM − fine-tuning, paired by seed: mean [95% CI] (n seeds)", "",
            "| Dataset | Setting | Metric | GRPO-RM − FT |", "|---|---|---|---|"]
     for t, d in sorted({(k.task, k.data) for k in groups}):
-        metrics = [(x, None) for x in CLS_METRICS] if t == "cls" else [
-            (x, ft) for ft in ("linear", "ms") for x in SEG_METRICS]
-        lead = metrics[0] if t == "cls" else ("miou", "linear")
-        ce = {(k.subset, k.lr): k for k in groups if (k.task, k.data, k.method) == (t, d, "ce")}
-        gr = {(k.subset, k.lr): k for k in groups if (k.task, k.data, k.method, k.uniformity)
-              == (t, d, "grpo", "eq4")}
-        pairs = [(f"lr {lr:g}" + (f", {100 * s:g}% of the data" if s < 1 else ""), gr[s, lr], ce[s, lr])
-                 for s, lr in sorted(set(ce) & set(gr), reverse=True)]
-        for s in {s for s, _ in ce} & {s for s, _ in gr}:  # an lr sweep: each method at its best lr
-            best = [max((k for k in ks.values() if k.subset == s), key=lambda k: np.mean(
-                list(values(groups[k], *lead).values()) or [-1])) for ks in (gr, ce)]
-            if sum(k.subset == s for k in (*ce.values(), *gr.values())) > 2:
-                pairs.append((f"best lr: {best[0].lr:g} vs {best[1].lr:g}", *best))
-        for name, kg, kc in pairs:
+        if t == "cls":
+            metrics, lead = [(x, None) for x in CLS_METRICS], ("sr", None)
+        else:
+            metrics = [(x, ft) for ft in ("linear", "ms") for x in SEG_METRICS]
+            lead = ("miou", "linear")
+        for name, kg, kc in comparisons(groups, t, d, lead):
             for x, ft in metrics:
                 ci = paired_ci(values(groups[kg], x, ft), values(groups[kc], x, ft))
                 if ci:
@@ -1752,18 +1837,24 @@ def paired_table(groups):
 
 
 def settings_table(groups):
-    """Every setting of every dataset that has more than one (an lr sweep, other eval lrs)."""
+    """Every setting of each dataset that has more than one (an lr sweep, other eval lrs)."""
     out = []
     for t, d in sorted({(k.task, k.data) for k in groups}):
         keys = sorted((k for k in groups if (k.task, k.data) == (t, d)), key=lambda k: (
             list(METHODS).index(k.method), k.uniformity, k.subset, -k.lr, -k.eval_lr))
         if len(keys) <= len({(k.method, k.uniformity, k.subset) for k in keys}):
             continue
-        ms = [(x, None) for x in CLS_METRICS] if t == "cls" else [(x, "linear") for x in SEG_METRICS]
-        rows = [((METHODS[k.method] + (f" {k.uniformity}" if k.uniformity not in ("", "eq4") else "")
-                  + (f" ({100 * k.subset:g}%)" if k.subset < 1 else ""),
-                  "—" if k.method == "frozen" else f"{k.lr:g}", f"{k.eval_lr:g}"),
-                 [values(groups[k], x, ft) for x, ft in ms]) for k in keys]
+        if t == "cls":
+            ms = [(x, None) for x in CLS_METRICS]
+        else:  # the linear features' metrics
+            ms = [(x, "linear") for x in SEG_METRICS]
+        rows = []
+        for k in keys:
+            name = METHODS[k.method]
+            name += f" {k.uniformity}" if k.uniformity not in ("", "eq4") else ""
+            name += f" ({100 * k.subset:g}%)" if k.subset < 1 else ""
+            lr = "—" if k.method == "frozen" else f"{k.lr:g}"
+            rows.append(((name, lr, f"{k.eval_lr:g}"), [values(groups[k], x, ft) for x, ft in ms]))
         out += table(f"Every setting on {d}" + (" (linear features)" if t == "seg" else ""),
                      ["Method", "lr", "eval lr", *(x for x, _ in ms)], rows)
     return out
@@ -1784,12 +1875,12 @@ def bench_table(benches):
                    f"{', compile' if c['compile'] else ''}{', no-sdpa' if c['no_sdpa'] else ''}")
         mem = ce["peak_memory_gb"] and f"x{g['peak_memory_gb'] / ce['peak_memory_gb']:.3f}"
         for m, r in b["methods"].items():
-            ratio = f"x{g['time_ratio']:.3f} | {fmt(mem, 's')}"
-            out.append(f"| {c['dataset']} | {model} | {setting} | {b['device']} × {b['world_size']} | "
-                       f"{m} | {r['fwd_macs_per_batch'] / 1e9:.1f} | {fmt(r['sec_per_epoch_paper'], '.1f')}"
-                       f" | {fmt(r['memory_sum_gb'])} | {r['ms_per_step']:.1f} | "
-                       f"{r['flops_per_step'] / 1e9:.1f} | {fmt(r['peak_memory_gb'])} | "
-                       f"{ratio if m == 'grpo' else ' | '} |")
+            ratio = f"x{g['time_ratio']:.3f} | {fmt(mem, 's')}" if m == "grpo" else " | "
+            cells = [c["dataset"], model, setting, f"{b['device']} × {b['world_size']}", m,
+                     f"{r['fwd_macs_per_batch'] / 1e9:.1f}", fmt(r["sec_per_epoch_paper"], ".1f"),
+                     fmt(r["memory_sum_gb"]), f"{r['ms_per_step']:.1f}",
+                     f"{r['flops_per_step'] / 1e9:.1f}", fmt(r["peak_memory_gb"]), ratio]
+            out.append("| " + " | ".join(cells) + " |")
     return out + [""]
 
 
@@ -1853,58 +1944,65 @@ def chart(d, box, title, xlabel, ylabel, lines, xgrid=()):
 
 
 def mean_series(runs, key):
-    """The per-step series `key`, averaged over seeds (truncated to the shortest)."""
+    """The per-step series `key` of every seed -> (seeds, steps), cut to the shortest."""
     ss = [r["series"][key] for r in runs.values() if r.get("series", {}).get(key)]
     n = min(map(len, ss), default=0)
-    return np.array([s[:n] for s in ss]) if n else None  # (seeds, steps)
+    return np.array([s[:n] for s in ss]) if n else None
 
 
 def figure3(root, groups):
     """Figure 3 from the per-step series: both methods' training loss and GRPO-RM's clip fraction
     over the epochs (an epoch grid; GRPO-RM's loss restarts at 0 with every θ_old), CSV beside."""
+    from PIL import ImageDraw
     out, blue, red = [], (31, 119, 180), (214, 39, 40)
     for t, d in sorted({(k.task, k.data) for k in groups}):
         kc, kg = main_key(groups, t, d, "ce"), main_key(groups, t, d, "grpo")
-        if not (kc and kg):
-            continue
-        ce, gr = mean_series(groups[kc], "loss"), mean_series(groups[kg], "loss")
-        clip = mean_series(groups[kg], "clip_frac")
+        ce = mean_series(groups[kc], "loss") if kc else None
+        gr = mean_series(groups[kg], "loss") if kg else None
+        clip = mean_series(groups[kg], "clip_frac") if kg else None
         if ce is None or gr is None or clip is None:
             continue
         per_epoch = len(gr[0]) / len(next(iter(groups[kg].values()))["train_loss"])
-        ep = lambda a: (np.arange(a.shape[1]) + 1) / per_epoch  # noqa: E731  step -> epoch
+
+        def ep(a):  # (seeds, steps) -> the epoch at the end of each step
+            return (np.arange(a.shape[1]) + 1) / per_epoch
         zoom = gr[:, :int(3 * per_epoch)]
         grid = np.arange(0, ep(gr)[-1] + 1, max(1, round(ep(gr)[-1] / 25)))
-        panels = [("Fine-tuning: cross-entropy per step", "loss", {"ce": (ep(ce), ce.mean(0), blue)}),
+        panels = [("Fine-tuning: cross-entropy per step", "loss",
+                   {"ce": (ep(ce), ce.mean(0), blue)}),
                   ("GRPO-RM: -J per step", "loss", {"grpo": (ep(gr), gr.mean(0), red)}),
                   ("GRPO-RM: -J per step, epochs 1-3", "loss",
                    {"grpo": (ep(zoom), zoom.mean(0), red)}),
                   ("GRPO-RM: clipped (sample, class) terms per step", "fraction",
                    {"grpo": (ep(clip), clip.mean(0), red)})]
         img = Image.new("RGB", (1700, 760), "white")
-        draw = __import__("PIL.ImageDraw", fromlist=["Draw"]).Draw(img)
+        draw = ImageDraw.Draw(img)
         for i, (title, ylabel, lines) in enumerate(panels):
             x0, y0 = 90 + 850 * (i % 2), 60 + 380 * (i // 2)
             chart(draw, (x0, y0, x0 + 730, y0 + 260), title, "epoch", ylabel, lines,
                   np.arange(0, 4) if i == 2 else grid)
         name = d.replace(":", "_")
         img.save(os.path.join(root, f"fig3_{name}.png"))
-        rows = [ep(gr), gr.mean(0), gr.std(0), clip.mean(0)]
-        n = min(len(ce[0]), len(gr[0]))
-        with open(os.path.join(root, f"fig3_{name}.csv"), "w") as f:
-            f.write("step,epoch,ce_loss_mean,ce_loss_std,grpo_loss_mean,grpo_loss_std,"
-                    "grpo_clip_frac_mean\n")
-            for s in range(n):
-                f.write(f"{s + 1},{rows[0][s]:.4f},{ce[:, s].mean():.6f},{ce[:, s].std():.6f},"
-                        f"{rows[1][s]:.6f},{rows[2][s]:.6f},{rows[3][s]:.6f}\n")
+        write_curve_csv(os.path.join(root, f"fig3_{name}.csv"), ep(gr), ce, gr, clip)
         out.append(f"Figure 3 ({d}): fig3_{name}.png, fig3_{name}.csv "
                    f"({len(groups[kc])} + {len(groups[kg])} seeds)")
     return out
 
 
+def write_curve_csv(path, epoch, ce, gr, clip):
+    """Figure 3's numbers: per step, the mean and std over seeds."""
+    with open(path, "w") as f:
+        f.write("step,epoch,ce_loss_mean,ce_loss_std,grpo_loss_mean,grpo_loss_std,"
+                "grpo_clip_frac_mean\n")
+        for s in range(min(len(ce[0]), len(gr[0]))):
+            f.write(f"{s + 1},{epoch[s]:.4f},{ce[:, s].mean():.6f},{ce[:, s].std():.6f},"
+                    f"{gr[:, s].mean():.6f},{gr[:, s].std():.6f},{clip[:, s].mean():.6f}\n")
+
+
 def figure2(root, groups, tile=160):
     """Figure 2: image | truth | frozen | fine-tuning | GRPO-RM, from the --save-vis PNGs of each
     method's first seed, tiles upsampled (nearest) to tile px, under column titles."""
+    from PIL import ImageDraw
     out = []
     for d in sorted({k.data for k in groups if k.task == "seg"}):
         pngs = {}
@@ -1915,12 +2013,11 @@ def figure2(root, groups, tile=160):
         n = min(len(p) for p in pngs.values())
         if not n:
             continue
-        titles = ["image", "truth", "frozen", "fine-tuning", "GRPO-RM"]
         img = Image.new("RGB", (tile * 5, 28 + tile * n), "white")
-        draw = __import__("PIL.ImageDraw", fromlist=["Draw"]).Draw(img)
-        for j, t in enumerate(titles):
+        draw = ImageDraw.Draw(img)
+        for j, t in enumerate(["image", "truth", "frozen", "fine-tuning", "GRPO-RM"]):
             put_text(draw, (tile * j + tile / 2, 14), t, font(15), "mm")
-        for i in range(n):
+        for i in range(n):  # each PNG is image | truth | prediction
             ims = {m: Image.open(p[i]).convert("RGB") for m, p in pngs.items()}
             w, h = ims["frozen"].size[0] // 3, ims["frozen"].size[1]
             crops = [ims["frozen"].crop((0, 0, w, h)), ims["frozen"].crop((w, 0, 2 * w, h))]
@@ -1940,8 +2037,9 @@ def report(root):
         raise UserError(f"--report {root}: no */result.json or bench-*.json there")
     n = sum(len(g) for g in groups.values())
     out = [f"# Results in {root}", "", f"{n} runs; mean ± sample std over seeds; best in bold.", ""]
-    out += paper_tables(groups) + paired_table(groups) + settings_table(groups)
-    out += (bench_table(benches) if benches else []) + figure3(root, groups) + figure2(root, groups)
+    out += table3(groups) + tables2and4(groups) + table6(groups) + paired_table(groups)
+    out += settings_table(groups) + (bench_table(benches) if benches else [])
+    out += figure3(root, groups) + figure2(root, groups)
     text = "\n".join(out) + "\n"
     with open(os.path.join(root, "report.md"), "w") as f:
         f.write(text)
