@@ -1180,6 +1180,12 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=5):
     return 100.0 * (pred == test_labels).float().mean().item()
 
 
+def knn_sharded(train_feats, train_labels, test_feats, ctx):
+    """kNN predictions for this rank's test shard against the training features of every rank."""
+    all_f, all_y = all_gather_cat(train_feats, ctx), all_gather_cat(train_labels, ctx)
+    return knn_predict(all_f.to(ctx.device), all_y.to(ctx.device), test_feats.to(ctx.device)).cpu()
+
+
 def confusion_matrix(pred, target, num_classes, ignore_index=IGNORE):
     """(c, c) counts, rows = ground truth, columns = prediction; ignore_index pixels skipped."""
     keep = target != ignore_index
@@ -1215,8 +1221,7 @@ def evaluate_cls(args, ctx, net, train_eval, test, num_classes, spill):
     with torch.no_grad(), ctx.amp():
         sr_pred = torch.cat([head(f.to(ctx.device).float()).argmax(1).cpu()
                              for f in te_f.split(4096)])
-    all_f, all_y = all_gather_cat(tr_f, ctx), all_gather_cat(tr_y, ctx)  # every training feature
-    knn_pred = knn_predict(all_f.to(ctx.device), all_y.to(ctx.device), te_f.to(ctx.device)).cpu()
+    knn_pred = knn_sharded(tr_f, tr_y, te_f, ctx)
     hits = torch.stack([(sr_pred == te_y).sum(), (knn_pred == te_y).sum(), torch.tensor(len(te_y))])
     hits = all_reduce_sum(hits, ctx)
     return {"sr": 100.0 * hits[0].item() / hits[2].item(),

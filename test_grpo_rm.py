@@ -528,37 +528,40 @@ def test_advantages_by_hand(r, expected):
 
 
 def _known_ratio_batch():
-    """Two samples, c = 3, old logits 0 (p_old = 1/3 each), label 0. New p = [0.5, 0.25, 0.25]
-    (ρ = [1.5, 0.75, 0.75]: all three terms clipped) and [0.36, 0.32, 0.32] (ρ = [1.08, 0.96,
-    0.96]: none clipped). A shift of the logits changes no probability."""
-    old = torch.zeros(2, 3, dtype=torch.float64)
-    new = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.36, 0.32, 0.32]], dtype=torch.float64)) + 7
-    return new, old, torch.tensor([0, 0])
+    """Three samples, c = 3, old logits 0 (p_old = 1/3 each), label 0. New p = [0.5, 0.25, 0.25]
+    (ρ = [1.5, 0.75, 0.75]: all three terms clipped), then twice [0.36, 0.32, 0.32] (ρ = [1.08,
+    0.96, 0.96]: none clipped). A shift of the logits changes no probability."""
+    old = torch.zeros(3, 3, dtype=torch.float64)
+    p = torch.tensor([[0.5, 0.25, 0.25], [0.36, 0.32, 0.32], [0.36, 0.32, 0.32]],
+                     dtype=torch.float64)
+    return torch.log(p) + 7, old, torch.tensor([0, 0, 0])
 
 
 def test_loss_clipped_by_hand():
     # Eq. (4) with p_old = 1/3: r = [3 - 1/3, -1/3, -1/3], deviations [2, -1, -1], std sqrt(3):
     # A = [2, -1, -1] / s, s = sqrt(3) + 1e-4 = 1.7321508.
     # sample 1: min(1.5 A0, 1.2 A0) = 2.4/s; min(0.75 A, 0.8 A) = -0.8/s twice -> J = 0.8/(3 s)
-    # sample 2: all ρ within [0.8, 1.2]: (1.08·2 - 0.96 - 0.96)/(3 s) = 0.24/(3 s)
-    # loss = -(0.8 + 0.24)/(3 s)/2 = -1.04/(6 · 1.7321508) = -0.1000683
+    #           = 0.1539512
+    # samples 2, 3: all ρ within [0.8, 1.2]: J = (1.08·2 - 0.96 - 0.96)/(3 s) = 0.0461854
+    # loss = -(0.1539512 + 2 · 0.0461854)/3 = -0.0821073
     new, old, y = _known_ratio_batch()
-    assert G.grpo_rm_loss(new, old, y).item() == pytest.approx(-0.1000683, abs=1e-7)
+    assert G.grpo_rm_loss(new, old, y).item() == pytest.approx(-0.0821073, abs=1e-7)
     assert G.grpo_rm_loss(new[:1], old[:1], y[:1]).item() == pytest.approx(-0.1539512, abs=1e-7)
 
 
 def test_diagnostics_by_hand():
-    # clip fraction: 3 of the 6 terms (all of sample 1). |ρ - 1|: [0.5, 0.25, 0.25, 0.08, 0.04,
-    # 0.04], mean 1.16/6 = 0.1933333, max 0.5.
+    # clip fraction: 3 of the 9 terms (all of sample 1). |ρ - 1|: [0.5, 0.25, 0.25] and twice
+    # [0.08, 0.04, 0.04], mean 1.32/9 = 0.1466667, max 0.5.
     # KL(old || new) per sample, Σ_i p_old [(ρ-1) - ln ρ]:
     # sample 1: (1/3)[(0.5 - ln 1.5) + 2(-0.25 - ln 0.75)] = (1/3)(0.0945349 + 0.0753641)
     #         = 0.0566330
-    # sample 2: (1/3)[(0.08 - ln 1.08) + 2(-0.04 - ln 0.96)] = (1/3)(0.0030390 + 0.0016434)
-    #         = 0.0015608
-    # mean 0.0290969 (= Σ p_old ln(p_old / p), the exact KL, since the group is every class)
+    # samples 2, 3: (1/3)[(0.08 - ln 1.08) + 2(-0.04 - ln 0.96)] = (1/3)(0.0030390 + 0.0016434)
+    #         = 0.0015610
+    # mean (0.0566330 + 2 · 0.0015610)/3 = 0.0199183 (= Σ p_old ln(p_old / p), the exact KL: the
+    # group is every class)
     new, old, y = _known_ratio_batch()
     _, diag = G.grpo_rm_loss(new, old, y, diagnostics=True)
-    torch.testing.assert_close(diag, torch.tensor([0.5, 0.0290969, 0.1933333, 0.5],
+    torch.testing.assert_close(diag, torch.tensor([1 / 3, 0.0199183, 0.1466667, 0.5],
                                                   dtype=torch.float64), atol=1e-6, rtol=0)
     exact_kl = (old.softmax(-1) * (old.log_softmax(-1) - new.log_softmax(-1))).sum(-1).mean()
     assert diag[1].item() == pytest.approx(exact_kl.item(), abs=1e-12)
@@ -1224,6 +1227,33 @@ def test_eval_head_is_the_same_with_any_number_of_processes(tmp_path):
     for k in h0:
         assert torch.equal(h0[k], h1[k])
         torch.testing.assert_close(h0[k], one.state_dict()[k], atol=1e-6, rtol=0)
+
+
+def _knn_data():
+    """Random training features (41, 8), their labels (5 classes), test features (17, 8)."""
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(41, 8, generator=g), torch.randint(0, 5, (41,), generator=g),
+            torch.randn(17, 8, generator=g))
+
+
+def _knn_worker(rank, world, port, out):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    train, labels, test = _knn_data()
+    ctx = G.Ctx(rank, world, torch.device("cpu"), torch.float32)
+    pred = G.knn_sharded(train[rank::world], labels[rank::world], test[rank::world], ctx)
+    torch.save(pred, os.path.join(out, f"knn{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_knn_gathers_every_ranks_training_features(tmp_path):
+    torch.multiprocessing.spawn(_knn_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    train, labels, test = _knn_data()
+    one = G.knn_predict(train, labels, test)  # one process, every feature
+    two = [torch.load(tmp_path / f"knn{r}.pt") for r in (0, 1)]
+    assert torch.equal(two[0], one[0::2]) and torch.equal(two[1], one[1::2])
+    assert not torch.equal(G.knn_predict(train[0::2], labels[0::2], test[0::2]), one[0::2])
 
 
 class _PerPixel(torch.nn.Module):
