@@ -1002,7 +1002,8 @@ def train(args, ctx, net, train_set, run_dir):
     local_bs = args.batch_size // ctx.world
     sampler = DistributedSampler(train_set, ctx.world, ctx.rank, shuffle=True, seed=args.seed)
     per_epoch, ckpt = math.ceil(len(sampler) / local_bs), os.path.join(run_dir, "ckpt.pt")
-    keys = ["step", "lr", "loss", "grad_norm"] + (list(GRPO_DIAGNOSTICS) if old else [])
+    keys = ["step", "lr", "loss", "grad_norm"]
+    keys += list(GRPO_DIAGNOSTICS) if old is not None else []
     st = {"epoch": 0, "step_in_epoch": 0, "series": {k: [] for k in keys}, "train_loss": [],
           "sec_per_epoch": []}
     if args.resume and os.path.isfile(ckpt):
