@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import time
 import types
@@ -49,6 +50,7 @@ from torchvision.transforms import v2
 
 # DINOv2 at the commit this file was tested with; torch.hub fetches that tree, not today's main.
 HUB_REPO = "facebookresearch/dinov2:b8931f7bf91576930313be2c6d6af376033b35f0"
+HUB_TIMEOUT_S = 30  # the longest torch.hub waits on one network read (a firewall may drop packets)
 
 
 class UserError(Exception):
@@ -532,6 +534,8 @@ def load_backbone(hub_repo, name, weights=None, hub_kwargs=None):
     pinned = re.search(r":[0-9a-f]{40}$", hub_repo) is not None
     hint = ("offline: git clone https://github.com/facebookresearch/dinov2, then --hub-repo DIR "
             "--weights dinov2_vits14_pretrain.pth")
+    default_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(HUB_TIMEOUT_S)  # urllib's reads would otherwise wait without end
     try:
         model = torch.hub.load(hub_repo, name, source="local" if local else "github",
                                trust_repo=True, skip_validation=pinned, **kwargs)
@@ -541,6 +545,8 @@ def load_backbone(hub_repo, name, weights=None, hub_kwargs=None):
                             "(DINOv2 has dinov2_vit{s,b,l,g}14 and their _reg variants)") from None
         raise UserError(f"--hub-repo {hub_repo} --model {name}: loading failed "
                         f"({type(e).__name__}: {e}); {hint}") from None
+    finally:
+        socket.setdefaulttimeout(default_timeout)
     if weights:
         load_weights(model, weights, name)
     # A local hubconf.py is executed as a module that is not registered; torch.compile looks the

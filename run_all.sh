@@ -16,6 +16,7 @@
 #   WEIGHTS    a local weights file for the backbone (offline use)
 #   SCALE      mini only: cpu (subsets; about 3 hours on 2 cores with JOBS=2 OMP_NUM_THREADS=1)
 #              or gpu (whole sets, 50 steps an epoch)
+#   SETS       mini only: which of its datasets to run ["cifar10 tinyimagenet camvid"]
 #   JOBS       runs at once [1]; small runs share the cores or the GPU better than one run alone
 #   PYTHON     [python3]
 # A run whose OUT/NAME/result.json exists is skipped and an interrupted run resumes from its
@@ -139,23 +140,32 @@ mini() {
     c10=(--subset 0.032 --batch-size 20); tin=(--subset 0.064 --batch-size 20)
     cam=(--batch-size 8); cam_sub=0.35
   fi
-  local seed method lr
+  local seed method lr sets=" ${SETS:-cifar10 tinyimagenet camvid} "
+  local c10_flags=(--img-size 32 "${c10[@]}" --epochs 100 --eval-lr 1e-3 --preload --workers 2)
   for seed in $SEEDS; do for method in frozen ce grpo-eq4; do
-    cls imagefolder cifar10_jpg_mini "$method" "$seed" --img-size 32 "${c10[@]}" --epochs 100 \
-      --eval-lr 1e-3 --preload --workers 2
-    cls tinyimagenet tiny-imagenet-200-mini "$method" "$seed" "${tin[@]}" --epochs 100 --workers 2
-    seg vocfolder camvid_voc "$method" "$seed" "$cam_sub" --num-classes 11 --img-size 64 --seg-size 32 \
-      "${cam[@]}" --epochs 100 --lr 1e-3 --eval-lr 1e-2 --workers 2
+    if [[ $sets == *" cifar10 "* ]]; then
+      cls imagefolder cifar10_jpg_mini "$method" "$seed" "${c10_flags[@]}"
+    fi
+    if [[ $sets == *" tinyimagenet "* ]]; then
+      cls tinyimagenet tiny-imagenet-200-mini "$method" "$seed" "${tin[@]}" --epochs 100 --workers 2
+    fi
+    if [[ $sets == *" camvid "* ]]; then
+      seg vocfolder camvid_voc "$method" "$seed" "$cam_sub" --num-classes 11 --img-size 64 \
+        --seg-size 32 "${cam[@]}" --epochs 100 --lr 1e-3 --eval-lr 1e-2 --workers 2
+    fi
   done; done
-  for seed in $SEEDS; do  # the paper's evaluation lr for segmentation, on the frozen backbone
-    run "seg-vocfolder-frozen-evallr1e-5-s$seed" --dataset vocfolder --num-classes 11 \
-      --data-dir "$DATA_ROOT/camvid_voc" --method frozen --seed "$seed" --img-size 64 \
-      --seg-size 32 "${cam[@]}" --eval-lr 1e-5 --feature-type linear,ms --workers 2
-  done
-  for seed in 0 1 2; do for lr in 1e-4 1e-5; do for method in ce grpo-eq4; do  # lr sweep
-    TAG=lr$lr cls imagefolder cifar10_jpg_mini "$method" "$seed" --img-size 32 "${c10[@]}" \
-      --epochs 100 --lr "$lr" --eval-lr 1e-3 --preload --workers 2
-  done; done; done
+  if [[ $sets == *" camvid "* ]]; then
+    for seed in $SEEDS; do  # the paper's evaluation lr for segmentation, on the frozen backbone
+      run "seg-vocfolder-frozen-evallr1e-5-s$seed" --dataset vocfolder --num-classes 11 \
+        --data-dir "$DATA_ROOT/camvid_voc" --method frozen --seed "$seed" --img-size 64 \
+        --seg-size 32 "${cam[@]}" --eval-lr 1e-5 --feature-type linear,ms --workers 2
+    done
+  fi
+  if [[ $sets == *" cifar10 "* ]]; then
+    for seed in 0 1 2; do for lr in 1e-4 1e-5; do for method in ce grpo-eq4; do  # lr sweep
+      TAG=lr$lr cls imagefolder cifar10_jpg_mini "$method" "$seed" "${c10_flags[@]}" --lr "$lr"
+    done; done; done
+  fi
 }
 
 case $TARGET in

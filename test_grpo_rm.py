@@ -392,21 +392,23 @@ def test_preloaded_batches_equal_the_dataloaders(imagefolder, device):
     sampler = G.DistributedSampler(ds, 1, 0, shuffle=True, seed=3)
     pairs = zip(G.epoch_batches(ds, sampler, 1, 0, 8, args, ctx),
                 G.epoch_batches(raw, sampler, 1, 0, 8, args, ctx))
-    # On a GPU the uint8 bicubic kernel is not the CPU's integer one: a few pixels round some
-    # uint8 levels away (measured on an H100: up to 3% of them, by up to 8 levels), the image not.
+    # On a GPU the uint8 bicubic kernel is not the CPU's integer one: pixels round a uint8 level
+    # or more away (measured on an H100: a third of them by one level, up to 3% by up to 8
+    # levels, mean 0.31 levels), the image not.
     n, level = 0, 1 / 255 / min(G.STD)  # one uint8 level after normalisation
     tol = 1e-5 if device == "cpu" else level + 1e-5
+    mean_tol = 1e-6 if device == "cpu" else level / 2
     for (x, y), (xp, yp) in pairs:  # the same images in the same order, resized alike
         diff = (xp.cpu() - x).abs()
         assert (diff > tol).float().mean() < (1e-9 if device == "cpu" else 0.06)
-        assert diff.mean() < (1e-6 if device == "cpu" else level / 4) and diff.max() < 16 * level
+        assert diff.mean() < mean_tol and diff.max() < 16 * level
         assert yp.cpu().tolist() == y.tolist()
         n += len(x)
     assert n == 24
     xt, _ = next(raw.batches(range(8), 8, True, 24))  # augmenting: itself or its mirror
     ref = torch.stack([ds[i][0] for i in range(8)])
-    assert all(min((a.cpu() - r).abs().mean(), (a.cpu() - r.flip(-1)).abs().mean()) < level / 4
-               for a, r in zip(xt, ref))
+    assert all(min((a.cpu() - r).abs().mean(), (a.cpu() - r.flip(-1)).abs().mean())
+               < max(mean_tol, level / 4) for a, r in zip(xt, ref))
 
 
 # =============================================================================
@@ -436,6 +438,29 @@ def test_hub_errors(hub, tmp_path):
     torch.save(bad, tmp_path / "bad.pth")
     with pytest.raises(G.UserError, match=r"--weights .*bad.pth does not fit.*blocks\.3"):
         G.load_backbone(hub, "dinov2_vitt_test", str(tmp_path / "bad.pth"))
+
+
+def test_hub_load_on_a_silent_network_ends_with_the_offline_hint(monkeypatch, tmp_path):
+    """A firewall that drops packets (a cluster node) must not leave torch.hub waiting forever."""
+    silent = socket.create_server(("127.0.0.1", 0))  # a proxy that accepts and never answers
+    for var in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, f"http://127.0.0.1:{silent.getsockname()[1]}")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(G, "HUB_TIMEOUT_S", 0.5)
+    caught = []
+    def load():
+        try:
+            G.load_backbone("no-such-owner-x/no-such-repo-x", "dinov2_vits14")
+        except G.UserError as e:
+            caught.append(str(e))
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    silent.close()
+    assert not worker.is_alive() and "offline" in caught[0]
+    assert socket.getdefaulttimeout() is None  # restored
 
 
 def test_pinned_hub_commit_skips_the_branch_check(monkeypatch):
