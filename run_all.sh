@@ -14,8 +14,9 @@
 #   HUB_REPO   torch.hub repository [grpo_rm.py's pinned DINOv2 commit; mini: ../shared/hub]
 #   MODEL      hub entry point [dinov2_vits14; mini: dinov2_vitt8_tin]
 #   WEIGHTS    a local weights file for the backbone (offline use)
-#   SCALE      mini only: cpu (subsets; about 3 hours on 2 cores with JOBS=2 OMP_NUM_THREADS=1)
-#              or gpu (whole sets, 50 steps an epoch)
+#   SCALE      mini only: cpu (subsets; with JOBS=2 OMP_NUM_THREADS=1 on 2 cores about 2.5 hours
+#              for SEEDS="0 1 2", 4 for five seeds) or gpu (whole sets, 50 steps an epoch; CIFAR-10
+#              with five seeds and the lr sweep: about 16 minutes on one H100 with JOBS=6)
 #   SETS       mini only: which of its datasets to run ["cifar10 tinyimagenet camvid"]
 #   JOBS       runs at once [1]; small runs share the cores or the GPU better than one run alone
 #   PYTHON     [python3]

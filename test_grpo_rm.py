@@ -450,6 +450,7 @@ def test_hub_load_on_a_silent_network_ends_with_the_offline_hint(monkeypatch, tm
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(G, "HUB_TIMEOUT_S", 0.5)
     caught = []
+
     def load():
         try:
             G.load_backbone("no-such-owner-x/no-such-repo-x", "dinov2_vits14")
