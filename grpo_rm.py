@@ -1962,6 +1962,17 @@ def mean_series(runs, key):
     return np.array([s[:n] for s in ss]) if n else None
 
 
+def cut_spikes(y):
+    """y for drawing, where a few steps (a ratio blow-up) would flatten the rest to a line: when
+    the max is beyond p90 + 10·(p90 − p10), values above p90 + (p90 − p10) are drawn there.
+    Returns the drawn values and how many steps were cut."""
+    lo, hi = np.percentile(y, [10, 90])
+    top = hi + (hi - lo)
+    if y.max() <= hi + 10 * (hi - lo):
+        return y, 0
+    return np.minimum(y, top), int((y > top).sum())
+
+
 def figure3(root, groups):
     """Figure 3 from the per-step series: both methods' training loss and GRPO-RM's clip fraction
     over the epochs (an epoch grid; GRPO-RM's loss restarts at 0 with every θ_old), CSV beside."""
@@ -1980,9 +1991,11 @@ def figure3(root, groups):
             return (np.arange(a.shape[1]) + 1) / per_epoch
         zoom = gr[:, :int(3 * per_epoch)]
         grid = np.arange(0, ep(gr)[-1] + 1, max(1, round(ep(gr)[-1] / 25)))
+        drawn, cut = cut_spikes(gr.mean(0))  # the CSV keeps the values
         panels = [("Fine-tuning: cross-entropy per step", "loss",
                    {"ce": (ep(ce), ce.mean(0), blue)}),
-                  ("GRPO-RM: -J per step", "loss", {"grpo": (ep(gr), gr.mean(0), red)}),
+                  ("GRPO-RM: -J per step" + (f" ({cut} steps cut at the top)" if cut else ""),
+                   "loss", {"grpo": (ep(gr), drawn, red)}),
                   ("GRPO-RM: -J per step, epochs 1-3", "loss",
                    {"grpo": (ep(zoom), zoom.mean(0), red)}),
                   ("GRPO-RM: clipped (sample, class) terms per step", "fraction",
