@@ -132,6 +132,8 @@ table5() {  # the paper's batch over NPROC processes, synthetic batches of each 
 # paper's CIFAR-10 run has 50,000 / 1,024 = 49). SCALE=cpu post-trains on subsets with 16 steps an
 # epoch: 320 CIFAR-10 and 320 Tiny-ImageNet images (batch 20), 128 CamVid images (batch 8). The
 # evaluation heads always train on the whole training split.
+want() { [[ " ${SETS:-cifar10 tinyimagenet camvid} " == *" $1 "* ]]; }  # mini: SETS names $1
+
 mini() {
   local c10 tin cam cam_sub
   if [[ $SCALE == gpu ]]; then
@@ -141,28 +143,28 @@ mini() {
     c10=(--subset 0.032 --batch-size 20); tin=(--subset 0.064 --batch-size 20)
     cam=(--batch-size 8); cam_sub=0.35
   fi
-  local seed method lr sets=" ${SETS:-cifar10 tinyimagenet camvid} "
+  local seed method lr
   local c10_flags=(--img-size 32 "${c10[@]}" --epochs 100 --eval-lr 1e-3 --preload --workers 2)
   for seed in $SEEDS; do for method in frozen ce grpo-eq4; do
-    if [[ $sets == *" cifar10 "* ]]; then
+    if want cifar10; then
       cls imagefolder cifar10_jpg_mini "$method" "$seed" "${c10_flags[@]}"
     fi
-    if [[ $sets == *" tinyimagenet "* ]]; then
+    if want tinyimagenet; then
       cls tinyimagenet tiny-imagenet-200-mini "$method" "$seed" "${tin[@]}" --epochs 100 --workers 2
     fi
-    if [[ $sets == *" camvid "* ]]; then
+    if want camvid; then
       seg vocfolder camvid_voc "$method" "$seed" "$cam_sub" --num-classes 11 --img-size 64 \
         --seg-size 32 "${cam[@]}" --epochs 100 --lr 1e-3 --eval-lr 1e-2 --workers 2
     fi
   done; done
-  if [[ $sets == *" camvid "* ]]; then
+  if want camvid; then
     for seed in $SEEDS; do  # the paper's evaluation lr for segmentation, on the frozen backbone
       run "seg-vocfolder-frozen-evallr1e-5-s$seed" --dataset vocfolder --num-classes 11 \
         --data-dir "$DATA_ROOT/camvid_voc" --method frozen --seed "$seed" --img-size 64 \
         --seg-size 32 "${cam[@]}" --eval-lr 1e-5 --feature-type linear,ms --workers 2
     done
   fi
-  if [[ $sets == *" cifar10 "* ]]; then
+  if want cifar10; then
     for seed in 0 1 2; do for lr in 1e-4 1e-5; do for method in ce grpo-eq4; do  # lr sweep
       TAG=lr$lr cls imagefolder cifar10_jpg_mini "$method" "$seed" "${c10_flags[@]}" --lr "$lr"
     done; done; done

@@ -1633,9 +1633,9 @@ def test_report_tables(tmp_path):
 def test_cut_spikes_only_when_a_few_steps_dwarf_the_rest():
     y = -0.01 * (np.arange(400) % 4)  # a sawtooth in [-0.03, 0]: p10 = -0.03, p90 = 0
     assert G.cut_spikes(y)[1] == 0 and G.cut_spikes(y)[0] is y
-    y[200] = 0.2  # beyond p99 but within 10 spreads (0.03) of it: nothing is cut
+    y[200] = 0.2  # beyond p90 but within 10 spreads (0.03) of it: nothing is cut
     assert G.cut_spikes(y)[1] == 0
-    y[100] = 1e12  # a blow-up: drawn at p99 + one spread, with every step above that
+    y[100] = 1e12  # a blow-up: drawn at p90 + one spread, with every step above that
     drawn, cut = G.cut_spikes(y)
     assert cut == 2 and drawn[100] == drawn[200] == 0.03 and y[100] == 1e12
 
