@@ -1,0 +1,499 @@
+"""The paper's tables and figures from a folder of GRPO-RM runs.
+
+Reads RUNS_DIR/*/result.json (training runs) and RUNS_DIR/bench-*.json (benchmarks) and writes
+RUNS_DIR/report.md: Tables 2/3/4/5/6 shaped like the paper's, GRPO-RM minus fine-tuning paired by
+seed with 95% confidence intervals, every setting of an lr sweep; then Figure 3 (training curves,
+PNG and CSV) and Figure 2 (segmentation examples, PNG) beside it.
+
+    python tools/report.py RUNS_DIR
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+METHODS = {"frozen": "DINOv2 (frozen)", "ce": "Fine-tuning", "grpo": "GRPO-RM"}
+UNIFORMITY_NAMES = {"none": "set to 0", "eq5": "Eq. (5)", "eq4": "Eq. (4) (GRPO-RM)"}
+SEG_METRICS = ("pixel_acc", "iou", "miou")
+CLS_METRICS = ("sr", "knn")
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086)  # Student's t 0.975, df 1..20
+FIG2_COLUMNS = ("image", "truth", "frozen", "fine-tuning", "GRPO-RM")
+
+
+class ReportError(Exception):
+    """Nothing to report on: the command line prints it as one `error:` line and exits 2."""
+
+
+@dataclass(frozen=True, order=True)
+class Key:
+    """What makes runs one group: they differ by their seed only."""
+    task: str
+    data: str
+    method: str
+    uniformity: str  # "" unless grpo
+    subset: float    # 1.0 for frozen runs: they post-train nothing
+    lr: float        # 0.0 for frozen runs
+    eval_lr: float
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def fmt(v, spec=".2f"):
+    return "—" if v is None else format(v, spec)
+
+
+def data_label(cfg):
+    """The dataset's name; for folder datasets also the folder's, so two folders stay apart."""
+    if cfg["dataset"] not in ("imagefolder", "vocfolder"):
+        return cfg["dataset"]
+    return f"{cfg['dataset']}:{os.path.basename(os.path.normpath(cfg['data_dir']))}"
+
+
+def load_groups(root):
+    """RUNS_DIR/*/result.json -> {Key: {seed: result}}; each result also records its folder."""
+    groups = {}
+    for f in sorted(glob.glob(os.path.join(root, "*", "result.json"))):
+        r = read_json(f)
+        r["dir"] = os.path.dirname(f)
+        c = r["config"]
+        frozen = c["method"] == "frozen"
+        key = Key(c["task"], data_label(c), c["method"],
+                  c["uniformity"] if c["method"] == "grpo" else "",
+                  1.0 if frozen else c["subset"], 0.0 if frozen else c["lr"], c["eval_lr"])
+        groups.setdefault(key, {})[c["seed"]] = r
+    return groups
+
+
+def values(runs, metric, ft=None):
+    """{seed: value} of a metric (ft: the segmentation feature type)."""
+    return {s: (r["metrics"][ft] if ft else r["metrics"])[metric] for s, r in runs.items()
+            if ft is None or ft in r["metrics"]}
+
+
+def main_key(groups, task, data, method, uniformity="eq4", subset=None):
+    """The group a paper-shaped table shows for this method: of its settings (any subset if None),
+    the one with the most seeds; ties go to the larger subset, then the larger lr."""
+    keys = [k for k in groups if (k.task, k.data, k.method) == (task, data, method)
+            and k.uniformity == (uniformity if method == "grpo" else "")
+            and (subset is None or k.subset == subset or method == "frozen")]
+    if method == "frozen":  # evaluated as the fine-tuned backbones were: with their eval lr
+        ce = main_key(groups, task, data, "ce")
+        keys = [k for k in keys if ce is None or k.eval_lr == ce.eval_lr] or keys
+    return max(keys, key=lambda k: (len(groups[k]), k.subset, k.lr, k.eval_lr), default=None)
+
+
+def main_runs(groups, *key, **kw):
+    k = main_key(groups, *key, **kw)
+    return groups[k] if k else {}
+
+
+# -----------------------------------------------------------------------------
+# Tables
+
+def cell(vals, best=False):
+    """'mean ± std' over seeds (sample std; one run: its value), bold when best, '—' when none."""
+    if not vals:
+        return "—"
+    v = list(vals.values())
+    text = f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+    return f"**{text}**" if best else text
+
+
+def table(title, header, rows, plain=0):
+    """rows: [(first cells, [{seed: value} per metric column])]. Within each block of rows that
+    share the first cell, the best mean of each column is bold (not in the last `plain` ones)."""
+    out = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    blocks = list(dict.fromkeys(first[0] for first, _ in rows))
+    for block in blocks:
+        mine = [(first, vals) for first, vals in rows if first[0] == block]
+        means = np.array([[np.mean(list(v.values())) if v else -np.inf for v in vals]
+                          for _, vals in mine])  # (rows, columns)
+        for (first, vals), m in zip(mine, means):
+            # bold needs a rival: another row of the block with a value in that column
+            best = [len(mine) > 1 and np.isfinite(x) and x == means[:, j].max()
+                    and (means[:, j] > -np.inf).sum() > 1 and j < len(m) - plain
+                    for j, x in enumerate(m)]
+            cells = [*first, *(cell(v, b) for v, b in zip(vals, best))]
+            out.append("| " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def table3(groups):
+    rows = [((d, name), [values(main_runs(groups, "cls", d, m), x) for x in CLS_METRICS])
+            for d in sorted({k.data for k in groups if k.task == "cls"})
+            for m, name in METHODS.items()]
+    if not rows:
+        return []
+    return table("Table 3: classification, top-1 % (SR = softmax regression)",
+                 ["Dataset", "Method", "SR", "kNN"], rows)
+
+
+def tables2and4(groups):
+    """Table 2 (all the data) and Table 4 (the subsets) together: one table per dataset."""
+    out = []
+    for d in sorted({k.data for k in groups if k.task == "seg"}):
+        subsets = sorted({k.subset for k in groups if k.data == d and k.method != "frozen"})
+        results = [r for k, g in groups.items() if k.data == d for r in g.values()]
+        fts = [ft for ft in ("linear", "ms") if any(ft in r["metrics"] for r in results)]
+        rows = []
+        for ft in fts:
+            for m, name in METHODS.items():
+                for s in [1.0] if m == "frozen" else subsets:
+                    runs = main_runs(groups, "seg", d, m, subset=s)
+                    rows.append(((ft, name + (f" ({100 * s:g}%)" if s < 1 else "")),
+                                 [values(runs, x, ft) for x in SEG_METRICS]))
+        out += table(f"Tables 2/4: segmentation on {d}, % (IoU: frequency-weighted)",
+                     ["Feature type", "Method", "Pixel Acc", "IoU", "mIoU"], rows)
+    return out
+
+
+def table6(groups):
+    rows = []
+    for t, d in sorted({(k.task, k.data) for k in groups if k.uniformity in ("eq5", "none")}):
+        for u, name in UNIFORMITY_NAMES.items():
+            runs = main_runs(groups, t, d, "grpo", u)
+            if t == "cls":
+                accuracy = values(runs, "sr")
+            else:
+                accuracy = values(runs, "pixel_acc", "linear")
+            seconds = {s: float(np.mean(r["sec_per_epoch"])) for s, r in runs.items()
+                       if r["sec_per_epoch"]}
+            rows.append(((d, name), [accuracy, seconds]))
+    if not rows:
+        return []
+    title = "Table 6: uniformity reward (SR % for cls, linear pixel acc % for seg; s/epoch)"
+    # s/epoch is not bold: the fastest is no winner
+    return table(title, ["Dataset", "Uniformity reward", "Accuracy", "s/epoch"], rows, plain=1)
+
+
+def paired_ci(a, b):
+    """Mean of the differences a[s] - b[s] over the seeds s of both, with its 95% confidence
+    interval (Student's t, n - 1 degrees of freedom). -> (mean, low, high, n) or None."""
+    d = np.array([a[s] - b[s] for s in sorted(set(a) & set(b))])
+    if len(d) < 2:
+        return None
+    t = T975[len(d) - 2] if len(d) <= 21 else 1.96  # beyond the table t is about normal
+    half = t * d.std(ddof=1) / math.sqrt(len(d))
+    return d.mean(), d.mean() - half, d.mean() + half, len(d)
+
+
+def comparisons(groups, t, d, lead):
+    """The (name, grpo key, ce key) pairs to compare on one dataset: every (subset, lr) both ran,
+    and, where an lr sweep exists, each method at its own best lr (by the metric `lead`)."""
+    ce = {(k.subset, k.lr): k for k in groups if (k.task, k.data, k.method) == (t, d, "ce")}
+    gr = {(k.subset, k.lr): k for k in groups
+          if (k.task, k.data, k.method, k.uniformity) == (t, d, "grpo", "eq4")}
+    pairs = []
+    for s, lr in sorted(set(ce) & set(gr), reverse=True):
+        name = f"lr {lr:g}" + (f", {100 * s:g}% of the data" if s < 1 else "")
+        pairs.append((name, gr[s, lr], ce[s, lr]))
+    for s in {s for s, _ in ce} & {s for s, _ in gr}:
+        if sum(k.subset == s for k in (*ce.values(), *gr.values())) <= 2:
+            continue  # one lr each: nothing to choose
+
+        def mean_lead(k):
+            return np.mean(list(values(groups[k], *lead).values()) or [-1])
+        best = [max((k for k in ks.values() if k.subset == s), key=mean_lead) for ks in (gr, ce)]
+        pairs.append((f"best lr: {best[0].lr:g} vs {best[1].lr:g}", *best))
+    return pairs
+
+
+def paired_table(groups):
+    """GRPO-RM minus fine-tuning per dataset, paired by seed (same seed: same subset, same head
+    initialisation), with 95% confidence intervals."""
+    out = ["### GRPO-RM − fine-tuning, paired by seed: mean [95% CI] (n seeds)", "",
+           "| Dataset | Setting | Metric | GRPO-RM − FT |", "|---|---|---|---|"]
+    for t, d in sorted({(k.task, k.data) for k in groups}):
+        if t == "cls":
+            metrics = [(x, None) for x in CLS_METRICS]
+            lead = ("sr", None)
+        else:
+            metrics = [(x, ft) for ft in ("linear", "ms") for x in SEG_METRICS]
+            lead = ("miou", "linear")
+        for name, kg, kc in comparisons(groups, t, d, lead):
+            for x, ft in metrics:
+                ci = paired_ci(values(groups[kg], x, ft), values(groups[kc], x, ft))
+                if ci:
+                    metric = f"{ft} {x}" if ft else x
+                    out.append(f"| {d} | {name} | {metric} | {ci[0]:+.2f} "
+                               f"[{ci[1]:+.2f}, {ci[2]:+.2f}] ({ci[3]}) |")
+    return out + [""] if len(out) > 4 else []
+
+
+def settings_table(groups):
+    """Every setting of each dataset that has more than one (an lr sweep, other eval lrs)."""
+    out = []
+    for t, d in sorted({(k.task, k.data) for k in groups}):
+        keys = sorted((k for k in groups if (k.task, k.data) == (t, d)), key=lambda k: (
+            list(METHODS).index(k.method), k.uniformity, k.subset, -k.lr, -k.eval_lr))
+        if len(keys) <= len({(k.method, k.uniformity, k.subset) for k in keys}):
+            continue
+        if t == "cls":
+            ms = [(x, None) for x in CLS_METRICS]
+        else:  # the linear features' metrics
+            ms = [(x, "linear") for x in SEG_METRICS]
+        rows = []
+        for k in keys:
+            name = METHODS[k.method]
+            name += f" {k.uniformity}" if k.uniformity not in ("", "eq4") else ""
+            name += f" ({100 * k.subset:g}%)" if k.subset < 1 else ""
+            lr = "—" if k.method == "frozen" else f"{k.lr:g}"
+            rows.append(((name, lr, f"{k.eval_lr:g}"), [values(groups[k], x, ft) for x, ft in ms]))
+        out += table(f"Every setting on {d}" + (" (linear features)" if t == "seg" else ""),
+                     ["Method", "lr", "eval lr", *(x for x, _ in ms)], rows)
+    return out
+
+
+def bench_table(benches):
+    """Table 5 from --bench results, in the paper's units (forward MACs of the linear layers per
+    batch; seconds per epoch of its training set; memory summed over GPUs) and in ours."""
+    out = ["### Table 5: cost of a training step, fine-tuning vs GRPO-RM (--bench, synthetic data)",
+           "", "| Dataset | Model | Setting | Device | Method | fwd GMAC/batch | s/epoch | "
+           "GB summed | ms/step | GFLOP/step | GB/process | grpo/ce time | grpo/ce memory |",
+           "|" + "---|" * 13]
+    for b in benches:
+        c = b["config"]
+        ce = b["methods"]["ce"]
+        g = b["methods"]["grpo"]
+        kw = {k: v for k, v in c.get("hub_kwargs", {}).items() if k != "pretrained"}
+        model = c["model"] + (f" ({', '.join(f'{k} {v}' for k, v in kw.items())})" if kw else "")
+        setting = (f"{c['img_size']} px, batch {c['batch_size']}, {c['dtype']}"
+                   f"{', compile' if c['compile'] else ''}{', no-sdpa' if c['no_sdpa'] else ''}")
+        # peak memory per method is measured on GPUs only (None on the CPU)
+        mem = ce["peak_memory_gb"] and f"x{g['peak_memory_gb'] / ce['peak_memory_gb']:.3f}"
+        for m, r in b["methods"].items():
+            ratio = f"x{g['time_ratio']:.3f} | {fmt(mem, 's')}" if m == "grpo" else " | "
+            cells = [c["dataset"], model, setting, f"{b['device']} × {b['world_size']}", m,
+                     f"{r['fwd_macs_per_batch'] / 1e9:.1f}", fmt(r["sec_per_epoch_paper"], ".1f"),
+                     fmt(r["memory_sum_gb"]), f"{r['ms_per_step']:.1f}",
+                     f"{r['flops_per_step'] / 1e9:.1f}", fmt(r["peak_memory_gb"]), ratio]
+            out.append("| " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+# -----------------------------------------------------------------------------
+# Figures
+
+def font(size):
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def put_text(d, xy, s, f, anchor="lt", fill="black"):
+    """Text anchored l/m/r horizontally and t/m/b vertically (works with any PIL font)."""
+    l, t, r, b = d.textbbox((0, 0), s, font=f)
+    x = xy[0] - {"l": 0, "m": (r - l) / 2, "r": r - l}[anchor[0]] - l
+    y = xy[1] - {"t": 0, "m": (b - t) / 2, "b": b - t}[anchor[1]] - t
+    d.text((x, y), s, font=f, fill=fill)
+
+
+def nice_ticks(lo, hi, n=5):
+    """About n round values (multiples of 1, 2 or 5 × 10^k) within [lo, hi]."""
+    raw = (hi - lo) / n if hi > lo else 1.0
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 5, 10) if m * step >= raw)
+    ks = range(math.ceil(lo / step), math.floor(hi / step) + 1)
+    return [float(f"{k * step:.12g}") for k in ks]  # k·step, without accumulated rounding
+
+
+def chart(d, box, title, xlabel, ylabel, lines, xgrid=()):
+    """A line chart in box (the plot area) of the ImageDraw d: axes with tick values, vertical grid
+    lines at xgrid, one line per {label: (xs, ys, colour)}, and a legend."""
+    f = font(13)
+    x0, y0, x1, y1 = box
+    xs = np.concatenate([v[0] for v in lines.values()])
+    ys = np.concatenate([v[1] for v in lines.values()])
+    xlo, xhi, ylo, yhi = xs.min(), xs.max(), ys.min(), ys.max()
+    pad = (yhi - ylo) * 0.05 or 0.5  # a flat line still gets a y range
+    ylo, yhi = ylo - pad, yhi + pad
+    xhi = xhi if xhi > xlo else xlo + 1
+
+    def X(v):
+        return x0 + (x1 - x0) * (v - xlo) / (xhi - xlo)
+
+    def Y(v):
+        return y1 - (y1 - y0) * (v - ylo) / (yhi - ylo)
+
+    for g in xgrid:
+        d.line([(X(g), y0), (X(g), y1)], fill=(228, 228, 228))
+    for t in nice_ticks(ylo, yhi):
+        d.line([(x0 - 4, Y(t)), (x0, Y(t))], fill="black")
+        put_text(d, (x0 - 7, Y(t)), f"{t:.4g}", f, "rm")
+    for t in nice_ticks(xlo, xhi, 8):
+        d.line([(X(t), y1), (X(t), y1 + 4)], fill="black")
+        put_text(d, (X(t), y1 + 7), f"{t:g}", f, "mt")
+    for x, y, colour in lines.values():
+        d.line([(X(a), Y(b)) for a, b in zip(x, y)], fill=colour, width=1)
+    d.rectangle(box, outline="black")
+    put_text(d, ((x0 + x1) / 2, y0 - 22), title, font(15), "mb")
+    put_text(d, ((x0 + x1) / 2, y1 + 26), xlabel, f, "mt")
+    put_text(d, (x0 - 7, y0 - 6), ylabel, f, "rb")
+    for i, (label, (_, _, colour)) in enumerate(lines.items()):
+        put_text(d, (x1 - 8, y0 + 8 + 16 * i), label, f, "rt", colour)
+
+
+def mean_series(runs, key):
+    """The per-step series `key` of every seed -> (seeds, steps), cut to the shortest."""
+    ss = [r["series"][key] for r in runs.values() if r.get("series", {}).get(key)]
+    n = min(map(len, ss), default=0)
+    return np.array([s[:n] for s in ss]) if n else None
+
+
+def cut_spikes(y):
+    """y for drawing, where a few steps (a ratio blow-up) would flatten the rest to a line: when
+    the max is beyond p90 + 10·(p90 − p10), values above p90 + (p90 − p10) are drawn there.
+    Returns the drawn values and how many steps were cut."""
+    lo, hi = np.percentile(y, [10, 90])
+    top = hi + (hi - lo)
+    if y.max() <= hi + 10 * (hi - lo):
+        return y, 0
+    return np.minimum(y, top), int((y > top).sum())
+
+
+def figure3(root, groups):
+    """Figure 3 from the per-step series: both methods' training loss and GRPO-RM's clip fraction
+    over the epochs (an epoch grid; GRPO-RM's loss restarts at 0 with every θ_old), CSV beside."""
+    out = []
+    blue = (31, 119, 180)
+    red = (214, 39, 40)
+    for t, d in sorted({(k.task, k.data) for k in groups}):
+        kc, kg = main_key(groups, t, d, "ce"), main_key(groups, t, d, "grpo")
+        ce = mean_series(groups[kc], "loss") if kc else None
+        gr = mean_series(groups[kg], "loss") if kg else None
+        clip = mean_series(groups[kg], "clip_frac") if kg else None
+        if ce is None or gr is None or clip is None:
+            continue
+        per_epoch = len(gr[0]) / len(next(iter(groups[kg].values()))["train_loss"])
+
+        def ep(a):  # (seeds, steps) -> the epoch at the end of each step
+            return (np.arange(a.shape[1]) + 1) / per_epoch
+        zoom = gr[:, :int(3 * per_epoch)]
+        grid = np.arange(0, ep(gr)[-1] + 1, max(1, round(ep(gr)[-1] / 25)))
+        drawn, cut = cut_spikes(gr.mean(0))  # the CSV keeps the values
+        panels = [("Fine-tuning: cross-entropy per step", "loss",
+                   {"ce": (ep(ce), ce.mean(0), blue)}),
+                  ("GRPO-RM: -J per step" + (f" ({cut} steps cut at the top)" if cut else ""),
+                   "loss", {"grpo": (ep(gr), drawn, red)}),
+                  ("GRPO-RM: -J per step, epochs 1-3", "loss",
+                   {"grpo": (ep(zoom), zoom.mean(0), red)}),
+                  ("GRPO-RM: clipped (sample, class) terms per step", "fraction",
+                   {"grpo": (ep(clip), clip.mean(0), red)})]
+        img = Image.new("RGB", (1700, 760), "white")
+        draw = ImageDraw.Draw(img)
+        for i, (title, ylabel, lines) in enumerate(panels):
+            x0, y0 = 90 + 850 * (i % 2), 60 + 380 * (i // 2)
+            chart(draw, (x0, y0, x0 + 730, y0 + 260), title, "epoch", ylabel, lines,
+                  np.arange(0, 4) if i == 2 else grid)
+        name = d.replace(":", "_")
+        img.save(os.path.join(root, f"fig3_{name}.png"))
+        write_curve_csv(os.path.join(root, f"fig3_{name}.csv"), ep(gr), ce, gr, clip)
+        out.append(f"Figure 3 ({d}): fig3_{name}.png, fig3_{name}.csv "
+                   f"({len(groups[kc])} + {len(groups[kg])} seeds)")
+    return out
+
+
+def write_curve_csv(path, epoch, ce, gr, clip):
+    """Figure 3's numbers: per step, the mean and std over seeds."""
+    with open(path, "w") as f:
+        f.write("step,epoch,ce_loss_mean,ce_loss_std,grpo_loss_mean,grpo_loss_std,"
+                "grpo_clip_frac_mean\n")
+        for s in range(min(len(ce[0]), len(gr[0]))):
+            f.write(f"{s + 1},{epoch[s]:.4f},{ce[:, s].mean():.6f},{ce[:, s].std():.6f},"
+                    f"{gr[:, s].mean():.6f},{gr[:, s].std():.6f},{clip[:, s].mean():.6f}\n")
+
+
+def vis_pngs(groups, d):
+    """{method: the --save-vis PNGs of its first seed on dataset d} (none without such a run)."""
+    pngs = {}
+    for m in METHODS:
+        k = main_key(groups, "seg", d, m)
+        first = groups[k][min(groups[k])]["dir"] if k else None
+        pngs[m] = sorted(glob.glob(os.path.join(first, "vis", "*.png"))) if first else []
+    return pngs
+
+
+def vis_tiles(pngs, i, tile):
+    """Row i of Figure 2 as (3, tile, tile) uint8 tensors. Each PNG is image | truth | prediction:
+    image and truth come from the frozen run's, then every method's prediction."""
+    from torchvision.transforms.functional import pil_to_tensor
+    ims = {m: Image.open(p[i]).convert("RGB") for m, p in pngs.items()}
+    w, h = ims["frozen"].size[0] // 3, ims["frozen"].size[1]
+    crops = [ims["frozen"].crop((0, 0, w, h)), ims["frozen"].crop((w, 0, 2 * w, h))]
+    crops += [ims[m].crop((2 * w, 0, 3 * w, h)) for m in METHODS]
+    # nearest: a label map must keep its colours
+    return [pil_to_tensor(c.resize((tile, tile), Image.NEAREST)) for c in crops]
+
+
+def figure2(root, groups, tile=160, pad=2):
+    """Figure 2: image | truth | frozen | fine-tuning | GRPO-RM, from the --save-vis PNGs of each
+    method's first seed, tiles upsampled (nearest) to tile px, under column titles."""
+    # torchvision only here: the tables and Figure 3 need numpy and PIL alone
+    from torchvision.transforms.functional import to_pil_image
+    from torchvision.utils import make_grid
+    out = []
+    for d in sorted({k.data for k in groups if k.task == "seg"}):
+        pngs = vis_pngs(groups, d)
+        n = min(len(p) for p in pngs.values())
+        if not n:
+            continue
+        tiles = [t for i in range(n) for t in vis_tiles(pngs, i, tile)]
+        grid = to_pil_image(make_grid(tiles, nrow=len(FIG2_COLUMNS), padding=pad, pad_value=255))
+        img = Image.new("RGB", (grid.width, 28 + grid.height), "white")
+        img.paste(grid, (0, 28))
+        draw = ImageDraw.Draw(img)
+        for j, title in enumerate(FIG2_COLUMNS):
+            put_text(draw, (pad + (tile + pad) * j + tile / 2, 14), title, font(15), "mm")
+        name = f"fig2_{d.replace(':', '_')}.png"
+        img.save(os.path.join(root, name))
+        out.append(f"Figure 2 ({d}): {name} ({' | '.join(FIG2_COLUMNS)})")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def report(root):
+    """Writes root/report.md and the figures beside it; returns the text of report.md."""
+    groups = load_groups(root)
+    benches = [read_json(f) for f in sorted(glob.glob(os.path.join(root, "bench-*.json")))]
+    if not groups and not benches:
+        raise ReportError(f"{root}: no */result.json or bench-*.json there")
+    n = sum(len(g) for g in groups.values())
+    out = [f"# Results in {root}", "", f"{n} runs; mean ± sample std over seeds; best in bold.", ""]
+    out += table3(groups) + tables2and4(groups) + table6(groups) + paired_table(groups)
+    out += settings_table(groups) + (bench_table(benches) if benches else [])
+    out += figure3(root, groups) + figure2(root, groups)
+    text = "\n".join(out) + "\n"
+    with open(os.path.join(root, "report.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs_dir", metavar="RUNS_DIR",
+                   help="a folder of runs (*/result.json) and/or benchmarks (bench-*.json)")
+    args = p.parse_args(argv)
+    try:
+        text = report(args.runs_dir)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

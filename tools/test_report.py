@@ -1,0 +1,155 @@
+"""Tests of tools/report.py on fake result.json and bench-*.json files: the tables' numbers by hand,
+the paired confidence intervals, Figure 3's CSV and PNG, and the command line's error."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(__file__))
+import report  # noqa: E402  (tools/ is no package)
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report.py")
+
+
+def test_paired_ci_by_hand():
+    # differences 2, 4, 6 (seeds 0-2; seed 3 only in a): mean 4, sample std 2, n 3,
+    # t(0.975, 2) = 4.303 -> half width 4.303 · 2 / sqrt(3) = 4.9687 -> [-0.9687, 8.9687]
+    a = {0: 12.0, 1: 14.0, 2: 16.0, 3: 99.0}
+    mean, lo, hi, n = report.paired_ci(a, {0: 10.0, 1: 10.0, 2: 10.0})
+    assert (mean, n) == (4.0, 3) and lo == pytest.approx(-0.96866, abs=1e-4)
+    assert hi == pytest.approx(8.96866, abs=1e-4)
+    assert report.paired_ci({0: 1.0}, {0: 2.0}) is None  # one pair: no interval
+
+
+def _fake_run(root, name, task, dataset, method, seed, metrics, losses=(), uniformity="eq4",
+              subset=1.0, lr=1e-3, eval_lr=1e-3, series=None):
+    cfg = {"task": task, "dataset": dataset, "data_dir": f"data/{dataset}", "method": method,
+           "uniformity": uniformity, "subset": subset, "seed": seed, "lr": lr, "eval_lr": eval_lr}
+    os.makedirs(root / name)
+    (root / name / "result.json").write_text(json.dumps(
+        {"config": cfg, "metrics": metrics, "train_loss": list(losses),
+         "sec_per_epoch": [2.0, 4.0][:len(losses)], "series": series or {}}))
+
+
+def test_report_tables(tmp_path):
+    _fake_run(tmp_path, "a", "cls", "cifar10", "frozen", 0, {"sr": 50.0, "knn": 40.0})
+    for seed, (sr, knn) in enumerate([(60.0, 58.0), (62.0, 60.0)]):
+        _fake_run(tmp_path, f"ce{seed}", "cls", "cifar10", "ce", seed, {"sr": sr, "knn": knn},
+                  [1.0, 0.5])
+        _fake_run(tmp_path, f"ce{seed}x", "cls", "cifar10", "ce", seed, {"sr": sr - 5, "knn": knn},
+                  [1.0, 0.5], lr=1e-4)
+    for seed, (sr, knn) in enumerate([(64.0, 55.0), (67.0, 57.0)]):
+        _fake_run(tmp_path, f"g{seed}", "cls", "cifar10", "grpo", seed, {"sr": sr, "knn": knn},
+                  [0.0, -0.1])
+    _fake_run(tmp_path, "g100", "cls", "cifar100", "grpo", 0, {"sr": 30.0, "knn": 31.0})
+    _fake_run(tmp_path, "g100u", "cls", "cifar100", "grpo", 0, {"sr": 29.0, "knn": 30.0},
+              [0.1, 0.0], uniformity="none")
+    seg = {"linear": {"pixel_acc": 90.0, "iou": 80.0, "miou": 60.0}}
+    _fake_run(tmp_path, "seg", "seg", "voc", "grpo", 0, seg)
+    text = report.report(str(tmp_path))
+    assert (tmp_path / "report.md").read_text() == text
+    # ce at lr 1e-3 (its other lr ties in seeds; the higher lr is the main one): SR 60, 62 -> 61
+    # ± 1.41 (sample std); kNN 58, 60 -> 59 ± 1.41, the best kNN. grpo: SR 64, 67 -> 65.50 ±
+    # 2.12.
+    assert "| cifar10 | DINOv2 (frozen) | 50.00 | 40.00 |" in text
+    assert "| cifar10 | Fine-tuning | 61.00 ± 1.41 | **59.00 ± 1.41** |" in text
+    assert "| cifar10 | GRPO-RM | **65.50 ± 2.12** | 56.00 ± 1.41 |" in text
+    assert "| cifar100 | Fine-tuning | — | — |" in text
+    assert "| cifar100 | GRPO-RM | 30.00 | 31.00 |" in text
+    assert "| cifar100 | set to 0 | 29.00 | 3.00 |" in text  # Table 6, and no s/epoch bold
+    assert "| cifar100 | Eq. (5) | — | — |" in text
+    assert "| linear | GRPO-RM | 90.00 | 80.00 | 60.00 |" in text
+    # paired by seed at lr 1e-3: SR differences 4, 5 -> mean 4.5, std 0.7071, t(1) = 12.706:
+    # half width 12.706 · 0.7071 / sqrt(2) = 6.353 -> [-1.85, +10.85]
+    assert "| cifar10 | lr 0.001 | sr | +4.50 [-1.85, +10.85] (2) |" in text
+    assert "| cifar10 | best lr: 0.001 vs 0.001 | sr | +4.50" in text
+    assert "| Fine-tuning | 0.0001 | 0.001 | 56.00 ± 1.41 |" in text  # the sweep's other lr
+
+
+def _bench_method(ms, **extra):
+    """The fields of one method that bench_table reads (CPU: no memory numbers)."""
+    return {"fwd_macs_per_batch": 3e9, "sec_per_epoch_paper": 5.0, "memory_sum_gb": None,
+            "ms_per_step": ms, "flops_per_step": 18e9, "peak_memory_gb": None, **extra}
+
+
+def test_bench_table(tmp_path):
+    cfg = {"dataset": "voc", "model": "dinov2_vitt_test", "hub_kwargs": {"pretrained": False},
+           "img_size": 16, "batch_size": 4, "dtype": "fp32", "compile": False, "no_sdpa": False}
+    bench = {"config": cfg, "device": "cpu", "world_size": 1,
+             "methods": {"ce": _bench_method(100.0),
+                         "grpo": _bench_method(150.0, time_ratio=1.5)}}
+    (tmp_path / "bench-seg-voc-dinov2_vitt_test-16px-b4-w1.json").write_text(json.dumps(bench))
+    text = report.report(str(tmp_path))
+    assert "0 runs;" in text
+    assert "| voc | dinov2_vitt_test | 16 px, batch 4, fp32 | cpu × 1 | grpo |" in text
+    assert ("| voc | dinov2_vitt_test | 16 px, batch 4, fp32 | cpu × 1 | ce | 3.0 | 5.0 | — | "
+            "100.0 | 18.0 | — |  |  |") in text
+    assert "| 150.0 | 18.0 | — | x1.500 | — |" in text
+
+
+def test_cli_on_an_empty_folder_prints_one_error_line(tmp_path):
+    p = subprocess.run([sys.executable, SCRIPT, str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.splitlines() == [f"error: {tmp_path}: no */result.json or bench-*.json there"]
+
+
+def test_cut_spikes_only_when_a_few_steps_dwarf_the_rest():
+    y = -0.01 * (np.arange(400) % 4)  # a sawtooth in [-0.03, 0]: p10 = -0.03, p90 = 0
+    assert report.cut_spikes(y)[1] == 0 and report.cut_spikes(y)[0] is y
+    y[200] = 0.2  # beyond p90 but within 10 spreads (0.03) of it: nothing is cut
+    assert report.cut_spikes(y)[1] == 0
+    y[100] = 1e12  # a blow-up: drawn at p90 + one spread, with every step above that
+    drawn, cut = report.cut_spikes(y)
+    assert cut == 2 and drawn[100] == drawn[200] == 0.03 and y[100] == 1e12
+
+
+def test_figure3_from_per_step_series(tmp_path):
+    per_epoch, epochs = 4, 3
+    for seed in (0, 1):
+        steps = list(range(per_epoch * epochs))
+        metrics = {"sr": 1.0, "knn": 1.0}
+        _fake_run(tmp_path, f"ce{seed}", "cls", "cifar10", "ce", seed, metrics, [1.0] * epochs,
+                  series={"step": steps, "loss": [2.0 - 0.1 * s for s in steps]})
+        _fake_run(tmp_path, f"g{seed}", "cls", "cifar10", "grpo", seed, metrics, [0.0] * epochs,
+                  series={"step": steps, "loss": [-0.01 * (s % per_epoch) for s in steps],
+                          "clip_frac": [0.1 * (s % per_epoch) for s in steps]})
+    text = report.report(str(tmp_path))
+    assert "Figure 3 (cifar10): fig3_cifar10.png" in text
+    rows = (tmp_path / "fig3_cifar10.csv").read_text().splitlines()
+    assert rows[0].startswith("step,epoch,ce_loss_mean") and len(rows) == 1 + per_epoch * epochs
+    assert rows[6].split(",")[:5] == ["6", "1.5000", "1.500000", "0.000000", "-0.010000"]
+    img = np.array(Image.open(tmp_path / "fig3_cifar10.png").convert("RGB"))
+    h, w = img.shape[0] // 2, img.shape[1] // 2
+    blue, red = np.all(img == (31, 119, 180), -1), np.all(img == (214, 39, 40), -1)
+    # fine-tuning's curve top left, GRPO-RM's in the three other panels
+    assert blue[:h, :w].sum() > 100 and red[:h, w:].sum() > 100 and red[h:].sum() > 200
+    assert blue[:, w:].sum() == 0 and red[:h, :w].sum() < 20  # (the legend's label is red)
+
+
+def test_figure2_puts_each_method_in_its_column(tmp_path):
+    # one --save-vis PNG per method, image | truth | prediction, 4 px each: image red, truth
+    # green, the prediction a colour per method
+    colours = {"frozen": (0, 0, 255), "ce": (255, 255, 0), "grpo": (0, 255, 255)}
+    for m, colour in colours.items():
+        metrics = {"linear": {"pixel_acc": 1.0, "iou": 1.0, "miou": 1.0}}
+        _fake_run(tmp_path, m, "seg", "voc", m, 0, metrics)
+        os.makedirs(tmp_path / m / "vis")
+        png = np.zeros((4, 12, 3), np.uint8)
+        png[:, :4] = (255, 0, 0)
+        png[:, 4:8] = (0, 255, 0)
+        png[:, 8:] = colour
+        Image.fromarray(png).save(tmp_path / m / "vis" / "000.png")
+    text = report.report(str(tmp_path))
+    assert "Figure 2 (voc): fig2_voc.png (image | truth | frozen | fine-tuning | GRPO-RM)" in text
+    img = np.array(Image.open(tmp_path / "fig2_voc.png").convert("RGB"))
+    tile, pad, top = 160, 2, 28  # figure2's defaults, under a 28 px strip of column titles
+    assert img.shape == (top + tile + 2 * pad, 5 * (tile + pad) + pad, 3)
+    expected = [(255, 0, 0), (0, 255, 0), *colours.values()]
+    for j, colour in enumerate(expected):
+        x = pad + (tile + pad) * j
+        block = img[top + pad:top + pad + tile, x:x + tile]
+        assert np.all(block == colour), j
