@@ -133,8 +133,8 @@ class UserError(Exception):
     """Bad input: printed as one line that names the flag or file, exit code 2, no traceback."""
 
 def load_backbone(hub_repo, name, weights=None, hub_kwargs=None):
-    """torch.hub.load of DINOv2 from GitHub (owner/name[:ref]) or a local clone (source="local").
-    With --weights the hub's download is skipped and the file is loaded strictly."""
+    """torch.hub.load of DINOv2 from GitHub (owner/name[:ref]) or a local clone; --weights
+    replaces the hub's download of the weights by a local file, loaded strictly."""
     local = os.path.isdir(hub_repo)
     if local and not os.path.isfile(os.path.join(hub_repo, "hubconf.py")):
         raise UserError(f"--hub-repo {hub_repo}: no hubconf.py in that directory")
@@ -174,9 +174,8 @@ def load_weights(model, path, name):
         raise UserError(f"--weights {path} does not fit --model {name}: "
                         f"{' '.join(str(e).split()[6:])[:300]}") from None
 
-def mlp_head(in_dim, hidden, num_classes):
-    """The classification head: two fully connected layers on the class token.
-    Open in the paper: the activation (ReLU here)."""
+def mlp_head(in_dim, hidden, num_classes):  # Open in the paper: the activation (ReLU here)
+    """The classification head: two fully connected layers on the class token."""
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
 class SegHead(nn.Module):
@@ -267,9 +266,11 @@ def with_download(root, what, get, allowed=True):
     """get(download): a torchvision dataset, downloaded only when it is not on disk yet."""
     try:
         return get(False)
-    except (RuntimeError, OSError) as e:  # torchvision: "Dataset not found or corrupted"
+    except RuntimeError:  # torchvision: "Dataset not found or corrupted"
         if not allowed:
-            raise UserError(f"--data-dir {root}: no {what} there ({e})") from None
+            raise UserError(f"--data-dir {root}: no {what} there") from None
+    except OSError as e:  # there, but incomplete: a split list is missing
+        raise UserError(f"--data-dir {root}: {e}") from None
     try:
         return get(True)
     except Exception as e:
@@ -292,8 +293,9 @@ def archive_root(root, what, nested, marker):
 def torchvision_set(cls, **splits):
     """CIFAR-10/100, STL-10: torchvision's datasets, downloaded by torchvision when missing."""
     def build(root, split, transform):
-        return with_download(root, cls.__name__, lambda d: cls(root, download=d, transform=transform,
-                                                             **splits[split]))
+        def get(download):
+            return cls(root, download=download, transform=transform, **splits[split])
+        return with_download(root, cls.__name__, get)
     return build
 
 def image_folder(root, split, transform):
@@ -517,8 +519,7 @@ def rank0_first(ctx, fn):
     return out if ctx.rank == 0 else fn()
 
 def lr_range(base, batch_size):
-    """Section 4.2: from base·m/256 down to (base/100)·m/256 (1e-3 -> 1e-5 cls, 1e-5 -> 1e-7
-    seg), m the global batch."""
+    """Section 4.2: from base·m/256 down to (base/100)·m/256, m the global batch."""
     return base * batch_size / 256, base / 100 * batch_size / 256
 
 def compiled(fn, device):
@@ -535,8 +536,7 @@ def compiled(fn, device):
         return fn
 
 def make_loss(args, ctx):
-    """fn(logits (N, c), old_logits, labels (N,)) -> (loss, diagnostics or None): -J of Eq. (1)
-    (GRPO-RM) or cross-entropy."""
+    """-J of Eq. (1) or cross-entropy: fn(logits (N, c), old logits, labels) -> (loss, diag)."""
     ignore = IGNORE if args.task == "seg" else -100
     if args.method == "ce":
         return lambda z, z_old, y: (F.cross_entropy(z.float(), y, ignore_index=ignore), None)
@@ -545,8 +545,7 @@ def make_loss(args, ctx):
         background_penalty=args.background_penalty, with_diagnostics=True), ctx.device)
 
 def train_step(model, old, opt, loss_fn, seg, ctx, x, y):
-    """One optimisation step. Returns [loss, grad norm, *diagnostics] as one device tensor (the
-    loop syncs with the host only at log steps)."""
+    """One optimisation step -> [loss, grad norm, *diagnostics], a device tensor: no host sync."""
     def flat(z):  # (B, c, S, S) -> (B·S·S, c), pixel-major like the labels (a view: the head's
         return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]) if seg else z  # logits are NHWC)
 
@@ -569,8 +568,7 @@ def train_step(model, old, opt, loss_fn, seg, ctx, x, y):
     return torch.stack(row + ([] if diag is None else list(diag.float())))
 
 class RunStopped(UserError):
-    """The run stopped before its end (a signal, a non-finite loss): exit code 3; the message says
-    how to go on."""
+    """The run stopped before its end (a signal, a non-finite loss): one line, exit code 3."""
 
 def atomic_save(path, write):
     """Write a temp file in the same folder, fsync, rename: never a half-written file."""
@@ -604,9 +602,8 @@ def load_checkpoint(path, args, net, opt, sched):
     return ckpt["epoch"], ckpt["hist"]
 
 def flush(rows, hist, ctx, epoch, ckpt):
-    """Move the buffered steps into hist["series"]: the training loop's only host sync. Under DDP
-    a value is the mean over ranks (ratio_dev_max: the max). Stops at a non-finite loss or
-    gradient."""
+    """Buffered steps -> hist["series"], the mean over ranks (ratio_dev_max: the max); the training
+    loop's only host sync. Stops at a non-finite loss or gradient."""
     steps, lrs = [r[0] for r in rows], [r[1] for r in rows]
     t = torch.stack([r[2] for r in rows])  # (steps, values)
     keys = [k for k in hist["series"] if k not in ("step", "lr")]
@@ -716,8 +713,8 @@ def all_reduce_sum(t, ctx):
     return t.cpu()
 
 def shard(ds, args, ctx):
-    """This rank's batches of an evaluation split: samples rank, rank + world, ... (no padding,
-    so every image counts once) -> (loader, shard size)."""
+    """This rank's share of an evaluation split, samples rank, rank + world, ... (no padding: every
+    image counts once) -> (loader, shard size)."""
     part = Subset(ds, range(ctx.rank, len(ds), ctx.world))
     return DataLoader(part, args.batch_size // ctx.world, num_workers=args.workers,
                       pin_memory=ctx.device.type == "cuda"), len(part)
@@ -870,8 +867,7 @@ def predict_seg(net, heads, x, scales, seg_size, ctx):
     return {ft: pr / n[ft] for ft, pr in probs.items()}
 
 def evaluate_seg(args, ctx, net, train_eval, test, num_classes, run_dir, spill):
-    """-> {feature type: {"pixel_acc", "iou", "miou", "labelled_pixels"}}: one post-trained
-    backbone, evaluated with a fresh head in each --feature-type."""
+    """-> {feature type: {"pixel_acc", "iou", "miou", "labelled_pixels"}}, a fresh head each."""
     D = net.backbone.embed_dim
     n_layers = 4 if "ms" in args.feature_type else 1
     tr_f, tr_y = extract(net, *shard(train_eval, args, ctx), ctx, n_layers, args.seg_size, spill,
@@ -1057,7 +1053,7 @@ def make_parser():
     a("--background-penalty", action=on_off, help="seg: r_0 -= c/2 after Eq. (6); default: voc")
     a("--epochs", type=pos_int, default=100)
     a("--batch-size", type=pos_int, help="global batch m; default 1024 (cls), 256 (seg)")
-    a("--lr", type=pos_float, help="lr per 256 images, cosine to lr/100; default 1e-3 cls, 1e-5 seg")
+    a("--lr", type=pos_float, help="lr per 256 images, cosine to lr/100; default 1e-3, seg 1e-5")
     a("--subset", type=number(float, 0, 1, low_open=True), default=1.0,
       help="fraction of the training set post-trained on")
     a("--augment", action=on_off, default=True, help="random crop and flip in training")
@@ -1127,11 +1123,16 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """The command line: a bad input is one line on stderr (exit 2), a stop one line (exit 3)."""
     try:
-        main()
+        main(argv)
     except UserError as e:
         # A UserError raised in a DataLoader worker arrives wrapped, its traceback as text.
         msg = str(e).strip().splitlines()[-1]
         print(f"error: {msg.split('UserError: ', 1)[-1]}", file=sys.stderr)
         sys.exit(3 if isinstance(e, RunStopped) else 2)
+
+
+if __name__ == "__main__":
+    cli()

@@ -22,7 +22,7 @@
 #   PYTHON     [python3]
 # A run whose OUT/NAME/result.json exists is skipped and an interrupted run resumes from its
 # checkpoint (--resume), so an interrupted reproduction picks up where it stopped. Every target
-# ends with the report: python grpo_rm.py --report OUT (tables, figures).
+# ends with the report: python tools/report.py OUT (tables, figures).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -57,7 +57,7 @@ run() {
   "${cmd[@]}" > "$OUT/logs/$name.log" 2>&1 &
 }
 
-report() { wait; "$PYTHON" grpo_rm.py --report "$OUT"; }
+report() { wait; "$PYTHON" tools/report.py "$OUT"; }
 
 # METHOD: frozen, ce or grpo-UNIFORMITY -> the flags in the array m
 method_flags() {
@@ -120,9 +120,9 @@ table5() {  # the paper's batch over NPROC processes, synthetic batches of each 
   local args ds task batch
   for args in "tinyimagenet cls 1024" "imagenet cls 1024" "voc seg 256" "cocostuff seg 256"; do
     read -r ds task batch <<< "$args"
-    local cmd=("$PYTHON" grpo_rm.py)
-    if (( NPROC > 1 )); then cmd=(torchrun --standalone --nproc_per_node="$NPROC" grpo_rm.py); fi
-    "${cmd[@]}" --bench --task "$task" --dataset "$ds" --batch-size "$batch" --out "$OUT" \
+    local cmd=("$PYTHON" tools/bench.py)
+    if (( NPROC > 1 )); then cmd=(torchrun --standalone --nproc_per_node="$NPROC" tools/bench.py); fi
+    "${cmd[@]}" --task "$task" --dataset "$ds" --batch-size "$batch" --out "$OUT" \
       "${backbone[@]}"
   done
 }
@@ -144,7 +144,7 @@ mini() {
     cam=(--batch-size 8); cam_sub=0.35
   fi
   local seed method lr
-  local c10_flags=(--img-size 32 "${c10[@]}" --epochs 100 --eval-lr 1e-3 --preload --workers 2)
+  local c10_flags=(--img-size 32 "${c10[@]}" --epochs 100 --eval-lr 1e-3 --workers 2)
   for seed in $SEEDS; do for method in frozen ce grpo-eq4; do
     if want cifar10; then
       cls imagefolder cifar10_jpg_mini "$method" "$seed" "${c10_flags[@]}"

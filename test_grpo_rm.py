@@ -391,6 +391,69 @@ def test_ade20k_and_cocostuff_layouts(tmp_path):
         G.DATASETS["ade20k"].build(str(tmp_path / "ade"), "train", G.seg_transform(8, True), 150)
 
 
+@pytest.fixture
+def server(tmp_path):
+    """A local HTTP server (127.0.0.1) for the files under tmp_path/www -> its base URL."""
+    import http.server
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield www, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_tinyimagenet_and_ade20k_download_when_missing(server, tmp_path, monkeypatch):
+    www, url = server
+    _tinyimagenet(tmp_path / "src" / "tiny-imagenet-200", np.random.default_rng(0))
+    shutil.make_archive(str(www / "tin"), "zip", tmp_path / "src", "tiny-imagenet-200")
+    ade = tmp_path / "src" / "ADEChallengeData2016"
+    for d in ("images/training", "annotations/training"):
+        os.makedirs(ade / d)
+    _image(np.random.default_rng(0), 0, 8).save(ade / "images" / "training" / "a.jpg")
+    Image.fromarray(np.ones((8, 8), np.uint8)).save(ade / "annotations" / "training" / "a.png")
+    shutil.make_archive(str(www / "ade"), "zip", tmp_path / "src", "ADEChallengeData2016")
+    monkeypatch.setitem(G.URLS, "tinyimagenet", [(f"{url}/tin.zip", "")])
+    monkeypatch.setitem(G.URLS, "ade20k", [(f"{url}/ade.zip", "")])
+    val = G.DATASETS["tinyimagenet"].build(str(tmp_path / "tin"), "test", G.cls_transform(8, False))
+    assert val.targets == [1, 0, 1] and val[0][0].shape == (3, 8, 8)
+    ds = G.DATASETS["ade20k"].build(str(tmp_path / "ade"), "train", G.seg_transform(8, False), 150)
+    assert ds[0][1].unique().tolist() == [0]  # stored 1 -> class 0
+    shutil.rmtree(www)  # found on disk now: no second download
+    assert len(G.DATASETS["tinyimagenet"].build(str(tmp_path / "tin"), "train", None)) == 6
+
+
+def test_voc_downloads_through_torchvision(server, vocfolder, tmp_path, monkeypatch):
+    import hashlib
+    import tarfile
+    www, url = server
+    with tarfile.open(www / "voc.tar", "w") as tar:
+        tar.add(os.path.join(vocfolder, "VOCdevkit"), "VOCdevkit")
+    md5 = hashlib.md5((www / "voc.tar").read_bytes()).hexdigest()
+    year = dict(G.torchvision.datasets.voc.DATASET_YEAR_DICT["2012"], url=f"{url}/voc.tar",
+                md5=md5)
+    monkeypatch.setitem(G.torchvision.datasets.voc.DATASET_YEAR_DICT, "2012", year)
+    ds = G.DATASETS["voc"].build(str(tmp_path / "voc"), "test", G.seg_transform(16, False), 21)
+    assert len(ds) == 4 and ds[0][1].shape == (16, 16)
+    with pytest.raises(G.UserError, match="no VOCdevkit/VOC2012 there$"):  # never downloaded
+        G.DATASETS["vocfolder"].build(str(tmp_path / "other"), "test", None, 3)
+
+
+def test_offline_download_is_one_clear_line(hub, tmp_path, monkeypatch):
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/ADEChallengeData2016.zip"
+    argv = ["--dataset", "ade20k", "--data-dir", str(tmp_path / "ade"), "--hub-repo", hub,
+            "--model", "dinov2_vitt_test", "--out", str(tmp_path), "--device", "cpu"]
+    code = f"import grpo_rm as G; G.URLS['ade20k'] = [({dead!r}, '')]; G.cli({argv!r})"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
+                       timeout=300)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith("error: --data-dir") and "downloading" in lines[0], lines
+
+
 # =============================================================================
 # Model: torch.hub (local source), --weights, the segmentation head
 
