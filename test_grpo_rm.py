@@ -1,6 +1,6 @@
-"""Tests of grpo_rm.py, in the order of its sections: config, data, model, method, training,
-evaluation, main and command line, the real DINOv2 code, tooling. No network. A tiny torch.hub
-repository (a ViT with DINOv2's interface and the hand-written attention of DINOv2 before 2025)
+"""Tests of grpo_rm.py, in the order of its sections: the method, model, data, training (one
+process, then DDP and resume), evaluation, main and the command line, config. Tools have theirs in
+tools/. No network beyond 127.0.0.1. A tiny torch.hub repository (a ViT with DINOv2's interface)
 and tiny datasets in the real on-disk layouts are built in temporary folders. Where a clone of
 facebookresearch/dinov2 exists (../shared/dinov2, or the folder named by GRPO_RM_DINOV2) the real
 classes are tested too; where a GPU exists the device-parametrised cases also run on CUDA."""
@@ -39,8 +39,7 @@ PIN = '{"pretrained": false}'
 # Fixtures: a tiny local torch.hub repository, tiny datasets in the real layouts, helpers
 
 HUBCONF = '''
-"""A tiny ViT with DINOv2's interface and parameter names (test fixture). Its attention is
-written out with an nn.Dropout attn_drop, as in DINOv2 before 2025."""
+"""A tiny ViT with DINOv2's interface and parameter names (test fixture)."""
 import math, torch, torch.nn as nn, torch.nn.functional as F
 dependencies = ["torch"]
 
@@ -285,247 +284,6 @@ def _popen_until(argv, marker):
         if line.startswith(marker):
             return p
     raise AssertionError(p.stderr.read())
-
-
-# =============================================================================
-# Config
-
-def test_defaults_follow_the_paper():
-    a = G.get_args(["--dataset", "cifar10", "--device", "cpu"])
-    assert (a.batch_size, a.lr, a.eval_lr, a.hidden, a.epochs, a.eval_epochs, a.clip_eps) == (
-        1024, 1e-3, 1e-3, 256, 100, 50, 0.2)
-    assert a.augment and a.img_size is None and a.dtype == "fp32"
-    s = G.get_args(["--dataset", "voc", "--device", "cpu"])
-    assert (s.task, s.batch_size, s.lr, s.hidden, s.background_penalty) == (
-        "seg", 256, 1e-5, 64, True)
-    assert G.get_args(["--dataset", "ade20k"]).background_penalty is False
-    assert G.HUB_REPO.startswith("facebookresearch/dinov2:") and len(G.HUB_REPO.split(":")[1]) == 40
-
-
-# =============================================================================
-# Data: real layouts, the input size, joint transforms, downloads
-
-@pytest.mark.parametrize("dataset,patch,expected", [
-    ("cifar10", 14, 42), ("cifar100", 14, 42), ("stl10", 14, 98), ("tinyimagenet", 14, 70),
-    ("imagenet", 14, 224), ("voc", 14, 448), ("tinyimagenet", 8, 64), ("cifar10", 8, 32)])
-def test_default_img_size(dataset, patch, expected):
-    # The native size rounded up to a multiple of the patch: 32 -> 42, 96 -> 98, 64 -> 70 (3, 7, 5
-    # patches of 14); with patch 8, 64 and 32 are multiples already. ImageNet 224, segmentation 448.
-    assert G.default_img_size(G.DATASETS[dataset], patch) == expected
-
-
-def test_tinyimagenet_layout(tmp_path):
-    root = _tinyimagenet(tmp_path / "t", np.random.default_rng(0))
-    train = G.tiny_imagenet(root, "train", G.cls_transform(8, True))
-    val = G.tiny_imagenet(root, "test", G.cls_transform(8, False))
-    assert len(train) == 6 and train.targets == [0, 0, 0, 1, 1, 1]
-    assert val.targets == [1, 0, 1] and val[0][0].shape == (3, 8, 8)
-
-
-def _label_coded_pair(size=128):
-    """An image whose colour encodes its own label: a 4 x 4 grid of 16 classes, each its colour."""
-    rows, cols = np.indices((size, size)) // (size // 4)
-    label = (rows * 4 + cols).astype(np.uint8)  # (H, W), 0..15, left/right and up/down asymmetric
-    colours = np.array([[60 * (k % 4), 60 * (k // 4), 120] for k in range(16)], np.float32)
-    return colours[label], label, colours
-
-
-def test_joint_crop_and_flip_keep_image_and_mask_aligned(tmp_path):
-    img, label, colours = _label_coded_pair()
-    base = tmp_path / "VOCdevkit" / "VOC2012"
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        os.makedirs(base / sub)
-    (base / "ImageSets" / "Segmentation" / "train.txt").write_text("a\n")
-    Image.fromarray(img.astype(np.uint8)).save(base / "JPEGImages" / "a.jpg", quality=100)
-    _palette_png(label, base / "SegmentationClass" / "a.png")
-    ds = G.DATASETS["voc"].build(str(tmp_path), "train", G.seg_transform(64, True), 21)
-    mean, std = torch.tensor(G.MEAN), torch.tensor(G.STD)
-    torch.manual_seed(0)
-    for _ in range(20):  # the dataset's own __getitem__: one crop and flip for both
-        xi, mi = ds[0]
-        rgb = ((xi.permute(1, 2, 0) * std + mean) * 255).reshape(-1, 1, 3)  # (H·W, 1, 3)
-        decoded = (rgb - torch.from_numpy(colours)).norm(dim=-1).argmin(1)  # the nearest colour
-        agree = (decoded == mi.reshape(-1)).float().mean().item()
-        assert agree > 0.85, agree  # all but the blended pixels at cell borders
-        assert set(mi.unique().tolist()) <= set(range(16))  # nearest neighbour: no blended ids
-
-
-def test_resize_labels_never_blends():
-    g = torch.Generator().manual_seed(0)
-    y = torch.tensor([0, 5, 255])[torch.randint(0, 3, (2, 13, 13), generator=g)]
-    for size in (4, 8, 26):
-        assert set(G.resize_labels(y, size).unique().tolist()) <= {0, 5, 255}
-
-
-def test_seg_dataset_joint_transform(vocfolder):
-    ds = G.DATASETS["voc"].build(vocfolder, "train", G.seg_transform(32, True), 21)
-    img, mask = ds[0]
-    assert img.shape == (3, 32, 32) and mask.shape == (32, 32) and mask.dtype == torch.int64
-    assert set(mask.unique().tolist()) <= {0, 1, 2, 255}
-
-
-def test_cocostuff_and_ade_tables():
-    coco = G.TABLES["cocostuff"]  # stored ids 0..181; 11 is an unused thing id; 12 the 12th used
-    assert len(G.COCO_IDS) == 171 and coco[0] == 0 and coco[11] == 255 and coco[12] == 11
-    assert coco[181] == 170 and coco[255] == 255
-    ade = G.TABLES["ade20k"]  # 0 = "other" -> ignore; 1..150 -> 0..149; anything else is invalid
-    assert ade[0] == 255 and ade[1] == 0 and ade[150] == 149 and ade[151] == -1
-
-
-def test_ade20k_and_cocostuff_layouts(tmp_path):
-    rng = np.random.default_rng(2)
-    ade, coco = tmp_path / "ade" / "ADEChallengeData2016", tmp_path / "coco"
-    cases = [(ade / "images" / "validation", ade / "annotations" / "validation", [0, 1, 150]),
-             (coco / "images" / "val2017", coco / "stuffthingmaps" / "val2017", [0, 12, 181, 255])]
-    for images, masks, raw in cases:
-        os.makedirs(images)
-        os.makedirs(masks)
-        _image(rng, 0, 8).save(images / "a.jpg")
-        Image.fromarray(np.resize(np.array(raw, np.uint8), (8, 8))).save(masks / "a.png")
-    t = G.seg_transform(8, False)
-    y_ade = G.DATASETS["ade20k"].build(str(tmp_path / "ade"), "test", t, 150)[0][1]
-    y_coco = G.DATASETS["cocostuff"].build(str(coco), "test", t, 171)[0][1]
-    # ADE20k: 0 -> ignore, 1 -> 0, 150 -> 149. COCO-stuff: 0 -> 0, 12 -> 11, 181 -> 170.
-    assert y_ade[0, :3].tolist() == [255, 0, 149] and y_coco[0, :4].tolist() == [0, 11, 170, 255]
-    with pytest.raises(G.UserError, match="no images found"):
-        G.DATASETS["ade20k"].build(str(tmp_path / "ade"), "train", G.seg_transform(8, True), 150)
-
-
-@pytest.fixture
-def server(tmp_path):
-    """A local HTTP server (127.0.0.1) for the files under tmp_path/www -> its base URL."""
-    import http.server
-    www = tmp_path / "www"
-    www.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield www, f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-
-
-def test_tinyimagenet_and_ade20k_download_when_missing(server, tmp_path, monkeypatch):
-    www, url = server
-    _tinyimagenet(tmp_path / "src" / "tiny-imagenet-200", np.random.default_rng(0))
-    shutil.make_archive(str(www / "tin"), "zip", tmp_path / "src", "tiny-imagenet-200")
-    ade = tmp_path / "src" / "ADEChallengeData2016"
-    for d in ("images/training", "annotations/training"):
-        os.makedirs(ade / d)
-    _image(np.random.default_rng(0), 0, 8).save(ade / "images" / "training" / "a.jpg")
-    Image.fromarray(np.ones((8, 8), np.uint8)).save(ade / "annotations" / "training" / "a.png")
-    shutil.make_archive(str(www / "ade"), "zip", tmp_path / "src", "ADEChallengeData2016")
-    monkeypatch.setitem(G.URLS, "tinyimagenet", [(f"{url}/tin.zip", "")])
-    monkeypatch.setitem(G.URLS, "ade20k", [(f"{url}/ade.zip", "")])
-    val = G.DATASETS["tinyimagenet"].build(str(tmp_path / "tin"), "test", G.cls_transform(8, False))
-    assert val.targets == [1, 0, 1] and val[0][0].shape == (3, 8, 8)
-    ds = G.DATASETS["ade20k"].build(str(tmp_path / "ade"), "train", G.seg_transform(8, False), 150)
-    assert ds[0][1].unique().tolist() == [0]  # stored 1 -> class 0
-    shutil.rmtree(www)  # found on disk now: no second download
-    assert len(G.DATASETS["tinyimagenet"].build(str(tmp_path / "tin"), "train", None)) == 6
-
-
-def test_voc_downloads_through_torchvision(server, vocfolder, tmp_path, monkeypatch):
-    import hashlib
-    import tarfile
-    www, url = server
-    with tarfile.open(www / "voc.tar", "w") as tar:
-        tar.add(os.path.join(vocfolder, "VOCdevkit"), "VOCdevkit")
-    md5 = hashlib.md5((www / "voc.tar").read_bytes()).hexdigest()
-    year = dict(G.torchvision.datasets.voc.DATASET_YEAR_DICT["2012"], url=f"{url}/voc.tar",
-                md5=md5)
-    monkeypatch.setitem(G.torchvision.datasets.voc.DATASET_YEAR_DICT, "2012", year)
-    ds = G.DATASETS["voc"].build(str(tmp_path / "voc"), "test", G.seg_transform(16, False), 21)
-    assert len(ds) == 4 and ds[0][1].shape == (16, 16)
-    with pytest.raises(G.UserError, match="no VOCdevkit/VOC2012 there$"):  # never downloaded
-        G.DATASETS["vocfolder"].build(str(tmp_path / "other"), "test", None, 3)
-
-
-def test_offline_download_is_one_clear_line(hub, tmp_path, monkeypatch):
-    with socket.socket() as s:  # a port where nothing listens
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}/ADEChallengeData2016.zip"
-    argv = ["--dataset", "ade20k", "--data-dir", str(tmp_path / "ade"), "--hub-repo", hub,
-            "--model", "dinov2_vitt_test", "--out", str(tmp_path), "--device", "cpu"]
-    code = f"import grpo_rm as G; G.URLS['ade20k'] = [({dead!r}, '')]; G.cli({argv!r})"
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
-                       timeout=300)
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
-    assert lines[0].startswith("error: --data-dir") and "downloading" in lines[0], lines
-
-
-# =============================================================================
-# Model: torch.hub (local source), --weights, the segmentation head
-
-def test_hub_local_load_and_weights(hub, tmp_path):
-    m = G.load_backbone(hub, "dinov2_vitt_test")
-    assert m.embed_dim == 16 and m.patch_size == 4
-    x = torch.randn(2, 3, 16, 16)
-    assert m.forward_features(x)["x_norm_clstoken"].shape == (2, 16)
-    assert m.get_intermediate_layers(x, n=4, reshape=True)[0].shape == (2, 16, 4, 4)
-    state = {k: v + 1 for k, v in m.state_dict().items()}
-    torch.save(state, tmp_path / "w.pth")
-    loaded = G.load_backbone(hub, "dinov2_vitt_test", str(tmp_path / "w.pth"),
-                             {"pretrained": False})
-    assert all(torch.equal(loaded.state_dict()[k], state[k]) for k in state)
-
-
-def test_hub_errors(hub, tmp_path):
-    with pytest.raises(G.UserError, match="--model dinov2_nope"):
-        G.load_backbone(hub, "dinov2_nope")
-    with pytest.raises(G.UserError, match="no hubconf.py"):
-        G.load_backbone(str(tmp_path), "dinov2_vitt_test")
-    own = G.load_backbone(hub, "dinov2_vitt_test").state_dict()
-    bad = {k: v for k, v in own.items() if "blocks.3" not in k}
-    bad["pos_embed"] = torch.zeros(1, 5, 16)
-    torch.save(bad, tmp_path / "bad.pth")
-    with pytest.raises(G.UserError, match=r"--weights .*bad.pth does not fit.*blocks\.3"):
-        G.load_backbone(hub, "dinov2_vitt_test", str(tmp_path / "bad.pth"))
-
-
-def test_hub_load_on_a_silent_network_ends_with_the_offline_hint(monkeypatch, tmp_path):
-    """A firewall that drops packets (a cluster node) must not leave torch.hub waiting forever."""
-    silent = socket.create_server(("127.0.0.1", 0))  # a proxy that accepts and never answers
-    for var in ("https_proxy", "HTTPS_PROXY"):
-        monkeypatch.setenv(var, f"http://127.0.0.1:{silent.getsockname()[1]}")
-    for var in ("no_proxy", "NO_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(G, "HUB_TIMEOUT_S", 0.5)
-    caught = []
-
-    def load():
-        try:
-            G.load_backbone("no-such-owner-x/no-such-repo-x", "dinov2_vits14")
-        except G.UserError as e:
-            caught.append(str(e))
-    worker = threading.Thread(target=load, daemon=True)
-    worker.start()
-    worker.join(timeout=60)
-    silent.close()
-    assert not worker.is_alive() and "offline" in caught[0]
-    assert socket.getdefaulttimeout() is None  # restored
-
-
-def test_pinned_hub_commit_skips_the_branch_check(monkeypatch):
-    seen = {}
-    monkeypatch.setattr(torch.hub, "load", lambda repo, name, **kw: seen.update(kw, repo=repo))
-    with pytest.raises(G.UserError):  # the stub returns None; only the call matters here
-        G.load_backbone(G.HUB_REPO, "dinov2_vits14", "missing.pth")
-    # a commit that heads no branch passes torch.hub only without its fork check; --weights
-    # disables the hub's own download
-    assert seen["repo"] == G.HUB_REPO and seen["skip_validation"] and seen["pretrained"] is False
-
-
-def test_seg_head_projects_before_upsampling_exactly():
-    head = G.SegHead(12, 5, 3, 16).double()
-    tokens = torch.randn(2, 12, 4, 4, dtype=torch.float64)
-    up = F.interpolate(tokens, size=(16, 16), mode="bilinear", align_corners=False)  # upsample,
-    hidden = torch.einsum("bdhw,kd->bkhw", up, head.proj.weight) + head.proj.bias[:, None, None]
-    paper = torch.einsum("bkhw,ck->bchw", hidden.relu(), head.out.weight)
-    paper = paper + head.out.bias[:, None, None]  # then project
-    torch.testing.assert_close(head(tokens), paper, atol=1e-12, rtol=0)
-    assert head(tokens, size=(24, 24)).shape == (2, 3, 24, 24)
 
 
 # =============================================================================
@@ -795,6 +553,232 @@ def test_old_model_is_frozen_copy():
     assert not torch.equal(old[0].weight, net[0].weight)
     G.refresh_old(old, net)
     assert torch.equal(old[0].weight, net[0].weight) and not old[0].weight.requires_grad
+
+
+# =============================================================================
+# Model: torch.hub (local source), --weights, the segmentation head
+
+def test_hub_local_load_and_weights(hub, tmp_path):
+    m = G.load_backbone(hub, "dinov2_vitt_test")
+    assert m.embed_dim == 16 and m.patch_size == 4
+    x = torch.randn(2, 3, 16, 16)
+    assert m.forward_features(x)["x_norm_clstoken"].shape == (2, 16)
+    assert m.get_intermediate_layers(x, n=4, reshape=True)[0].shape == (2, 16, 4, 4)
+    state = {k: v + 1 for k, v in m.state_dict().items()}
+    torch.save(state, tmp_path / "w.pth")
+    loaded = G.load_backbone(hub, "dinov2_vitt_test", str(tmp_path / "w.pth"),
+                             {"pretrained": False})
+    assert all(torch.equal(loaded.state_dict()[k], state[k]) for k in state)
+
+
+def test_hub_errors(hub, tmp_path):
+    with pytest.raises(G.UserError, match="--model dinov2_nope"):
+        G.load_backbone(hub, "dinov2_nope")
+    with pytest.raises(G.UserError, match="no hubconf.py"):
+        G.load_backbone(str(tmp_path), "dinov2_vitt_test")
+    own = G.load_backbone(hub, "dinov2_vitt_test").state_dict()
+    bad = {k: v for k, v in own.items() if "blocks.3" not in k}
+    bad["pos_embed"] = torch.zeros(1, 5, 16)
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(G.UserError, match=r"--weights .*bad.pth does not fit.*blocks\.3"):
+        G.load_backbone(hub, "dinov2_vitt_test", str(tmp_path / "bad.pth"))
+
+
+def test_hub_load_on_a_silent_network_ends_with_the_offline_hint(monkeypatch, tmp_path):
+    """A firewall that drops packets (a cluster node) must not leave torch.hub waiting forever."""
+    silent = socket.create_server(("127.0.0.1", 0))  # a proxy that accepts and never answers
+    for var in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, f"http://127.0.0.1:{silent.getsockname()[1]}")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(G, "HUB_TIMEOUT_S", 0.5)
+    caught = []
+
+    def load():
+        try:
+            G.load_backbone("no-such-owner-x/no-such-repo-x", "dinov2_vits14")
+        except G.UserError as e:
+            caught.append(str(e))
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    silent.close()
+    assert not worker.is_alive() and "offline" in caught[0]
+    assert socket.getdefaulttimeout() is None  # restored
+
+
+def test_pinned_hub_commit_skips_the_branch_check(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(torch.hub, "load", lambda repo, name, **kw: seen.update(kw, repo=repo))
+    with pytest.raises(G.UserError):  # the stub returns None; only the call matters here
+        G.load_backbone(G.HUB_REPO, "dinov2_vits14", "missing.pth")
+    # a commit that heads no branch passes torch.hub only without its fork check; --weights
+    # disables the hub's own download
+    assert seen["repo"] == G.HUB_REPO and seen["skip_validation"] and seen["pretrained"] is False
+
+
+def test_seg_head_projects_before_upsampling_exactly():
+    head = G.SegHead(12, 5, 3, 16).double()
+    tokens = torch.randn(2, 12, 4, 4, dtype=torch.float64)
+    up = F.interpolate(tokens, size=(16, 16), mode="bilinear", align_corners=False)  # upsample,
+    hidden = torch.einsum("bdhw,kd->bkhw", up, head.proj.weight) + head.proj.bias[:, None, None]
+    paper = torch.einsum("bkhw,ck->bchw", hidden.relu(), head.out.weight)
+    paper = paper + head.out.bias[:, None, None]  # then project
+    torch.testing.assert_close(head(tokens), paper, atol=1e-12, rtol=0)
+    assert head(tokens, size=(24, 24)).shape == (2, 3, 24, 24)
+
+
+# =============================================================================
+# Data: real layouts, the input size, joint transforms, downloads
+
+@pytest.mark.parametrize("dataset,patch,expected", [
+    ("cifar10", 14, 42), ("cifar100", 14, 42), ("stl10", 14, 98), ("tinyimagenet", 14, 70),
+    ("imagenet", 14, 224), ("voc", 14, 448), ("tinyimagenet", 8, 64), ("cifar10", 8, 32)])
+def test_default_img_size(dataset, patch, expected):
+    # The native size rounded up to a multiple of the patch: 32 -> 42, 96 -> 98, 64 -> 70 (3, 7, 5
+    # patches of 14); with patch 8, 64 and 32 are multiples already. ImageNet 224, segmentation 448.
+    assert G.default_img_size(G.DATASETS[dataset], patch) == expected
+
+
+def test_tinyimagenet_layout(tmp_path):
+    root = _tinyimagenet(tmp_path / "t", np.random.default_rng(0))
+    train = G.tiny_imagenet(root, "train", G.cls_transform(8, True))
+    val = G.tiny_imagenet(root, "test", G.cls_transform(8, False))
+    assert len(train) == 6 and train.targets == [0, 0, 0, 1, 1, 1]
+    assert val.targets == [1, 0, 1] and val[0][0].shape == (3, 8, 8)
+
+
+def _label_coded_pair(size=128):
+    """An image whose colour encodes its own label: a 4 x 4 grid of 16 classes, each its colour."""
+    rows, cols = np.indices((size, size)) // (size // 4)
+    label = (rows * 4 + cols).astype(np.uint8)  # (H, W), 0..15, left/right and up/down asymmetric
+    colours = np.array([[60 * (k % 4), 60 * (k // 4), 120] for k in range(16)], np.float32)
+    return colours[label], label, colours
+
+
+def test_joint_crop_and_flip_keep_image_and_mask_aligned(tmp_path):
+    img, label, colours = _label_coded_pair()
+    base = tmp_path / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        os.makedirs(base / sub)
+    (base / "ImageSets" / "Segmentation" / "train.txt").write_text("a\n")
+    Image.fromarray(img.astype(np.uint8)).save(base / "JPEGImages" / "a.jpg", quality=100)
+    _palette_png(label, base / "SegmentationClass" / "a.png")
+    ds = G.DATASETS["voc"].build(str(tmp_path), "train", G.seg_transform(64, True), 21)
+    mean, std = torch.tensor(G.MEAN), torch.tensor(G.STD)
+    torch.manual_seed(0)
+    for _ in range(20):  # the dataset's own __getitem__: one crop and flip for both
+        xi, mi = ds[0]
+        rgb = ((xi.permute(1, 2, 0) * std + mean) * 255).reshape(-1, 1, 3)  # (H·W, 1, 3)
+        decoded = (rgb - torch.from_numpy(colours)).norm(dim=-1).argmin(1)  # the nearest colour
+        agree = (decoded == mi.reshape(-1)).float().mean().item()
+        assert agree > 0.85, agree  # all but the blended pixels at cell borders
+        assert set(mi.unique().tolist()) <= set(range(16))  # nearest neighbour: no blended ids
+
+
+def test_resize_labels_never_blends():
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([0, 5, 255])[torch.randint(0, 3, (2, 13, 13), generator=g)]
+    for size in (4, 8, 26):
+        assert set(G.resize_labels(y, size).unique().tolist()) <= {0, 5, 255}
+
+
+def test_seg_dataset_joint_transform(vocfolder):
+    ds = G.DATASETS["voc"].build(vocfolder, "train", G.seg_transform(32, True), 21)
+    img, mask = ds[0]
+    assert img.shape == (3, 32, 32) and mask.shape == (32, 32) and mask.dtype == torch.int64
+    assert set(mask.unique().tolist()) <= {0, 1, 2, 255}
+
+
+def test_cocostuff_and_ade_tables():
+    coco = G.TABLES["cocostuff"]  # stored ids 0..181; 11 is an unused thing id; 12 the 12th used
+    assert len(G.COCO_IDS) == 171 and coco[0] == 0 and coco[11] == 255 and coco[12] == 11
+    assert coco[181] == 170 and coco[255] == 255
+    ade = G.TABLES["ade20k"]  # 0 = "other" -> ignore; 1..150 -> 0..149; anything else is invalid
+    assert ade[0] == 255 and ade[1] == 0 and ade[150] == 149 and ade[151] == -1
+
+
+def test_ade20k_and_cocostuff_layouts(tmp_path):
+    rng = np.random.default_rng(2)
+    ade, coco = tmp_path / "ade" / "ADEChallengeData2016", tmp_path / "coco"
+    cases = [(ade / "images" / "validation", ade / "annotations" / "validation", [0, 1, 150]),
+             (coco / "images" / "val2017", coco / "stuffthingmaps" / "val2017", [0, 12, 181, 255])]
+    for images, masks, raw in cases:
+        os.makedirs(images)
+        os.makedirs(masks)
+        _image(rng, 0, 8).save(images / "a.jpg")
+        Image.fromarray(np.resize(np.array(raw, np.uint8), (8, 8))).save(masks / "a.png")
+    t = G.seg_transform(8, False)
+    y_ade = G.DATASETS["ade20k"].build(str(tmp_path / "ade"), "test", t, 150)[0][1]
+    y_coco = G.DATASETS["cocostuff"].build(str(coco), "test", t, 171)[0][1]
+    # ADE20k: 0 -> ignore, 1 -> 0, 150 -> 149. COCO-stuff: 0 -> 0, 12 -> 11, 181 -> 170.
+    assert y_ade[0, :3].tolist() == [255, 0, 149] and y_coco[0, :4].tolist() == [0, 11, 170, 255]
+    with pytest.raises(G.UserError, match="no images found"):
+        G.DATASETS["ade20k"].build(str(tmp_path / "ade"), "train", G.seg_transform(8, True), 150)
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A local HTTP server (127.0.0.1) for the files under tmp_path/www -> its base URL."""
+    import http.server
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield www, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_tinyimagenet_and_ade20k_download_when_missing(server, tmp_path, monkeypatch):
+    www, url = server
+    _tinyimagenet(tmp_path / "src" / "tiny-imagenet-200", np.random.default_rng(0))
+    shutil.make_archive(str(www / "tin"), "zip", tmp_path / "src", "tiny-imagenet-200")
+    ade = tmp_path / "src" / "ADEChallengeData2016"
+    for d in ("images/training", "annotations/training"):
+        os.makedirs(ade / d)
+    _image(np.random.default_rng(0), 0, 8).save(ade / "images" / "training" / "a.jpg")
+    Image.fromarray(np.ones((8, 8), np.uint8)).save(ade / "annotations" / "training" / "a.png")
+    shutil.make_archive(str(www / "ade"), "zip", tmp_path / "src", "ADEChallengeData2016")
+    monkeypatch.setitem(G.URLS, "tinyimagenet", [(f"{url}/tin.zip", "")])
+    monkeypatch.setitem(G.URLS, "ade20k", [(f"{url}/ade.zip", "")])
+    val = G.DATASETS["tinyimagenet"].build(str(tmp_path / "tin"), "test", G.cls_transform(8, False))
+    assert val.targets == [1, 0, 1] and val[0][0].shape == (3, 8, 8)
+    ds = G.DATASETS["ade20k"].build(str(tmp_path / "ade"), "train", G.seg_transform(8, False), 150)
+    assert ds[0][1].unique().tolist() == [0]  # stored 1 -> class 0
+    shutil.rmtree(www)  # found on disk now: no second download
+    assert len(G.DATASETS["tinyimagenet"].build(str(tmp_path / "tin"), "train", None)) == 6
+
+
+def test_voc_downloads_through_torchvision(server, vocfolder, tmp_path, monkeypatch):
+    import hashlib
+    import tarfile
+    www, url = server
+    with tarfile.open(www / "voc.tar", "w") as tar:
+        tar.add(os.path.join(vocfolder, "VOCdevkit"), "VOCdevkit")
+    md5 = hashlib.md5((www / "voc.tar").read_bytes()).hexdigest()
+    year = dict(G.torchvision.datasets.voc.DATASET_YEAR_DICT["2012"], url=f"{url}/voc.tar",
+                md5=md5)
+    monkeypatch.setitem(G.torchvision.datasets.voc.DATASET_YEAR_DICT, "2012", year)
+    ds = G.DATASETS["voc"].build(str(tmp_path / "voc"), "test", G.seg_transform(16, False), 21)
+    assert len(ds) == 4 and ds[0][1].shape == (16, 16)
+    with pytest.raises(G.UserError, match="no VOCdevkit/VOC2012 there$"):  # never downloaded
+        G.DATASETS["vocfolder"].build(str(tmp_path / "other"), "test", None, 3)
+
+
+def test_offline_download_is_one_clear_line(hub, tmp_path, monkeypatch):
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/ADEChallengeData2016.zip"
+    argv = ["--dataset", "ade20k", "--data-dir", str(tmp_path / "ade"), "--hub-repo", hub,
+            "--model", "dinov2_vitt_test", "--out", str(tmp_path), "--device", "cpu"]
+    code = f"import grpo_rm as G; G.URLS['ade20k'] = [({dead!r}, '')]; G.cli({argv!r})"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
+                       timeout=300)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith("error: --data-dir") and "downloading" in lines[0], lines
 
 
 # =============================================================================
@@ -1551,3 +1535,18 @@ def test_torchrun_cli(hub, vocfolder, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.load(open(tmp_path / "seg-voc-grpo-eq4-s0" / "result.json"))
     assert res["world_size"] == 2 and res["metrics"]["linear"]["labelled_pixels"] == 960
+
+
+# =============================================================================
+# Config
+
+def test_defaults_follow_the_paper():
+    a = G.get_args(["--dataset", "cifar10", "--device", "cpu"])
+    assert (a.batch_size, a.lr, a.eval_lr, a.hidden, a.epochs, a.eval_epochs, a.clip_eps) == (
+        1024, 1e-3, 1e-3, 256, 100, 50, 0.2)
+    assert a.augment and a.img_size is None and a.dtype == "fp32"
+    s = G.get_args(["--dataset", "voc", "--device", "cpu"])
+    assert (s.task, s.batch_size, s.lr, s.hidden, s.background_penalty) == (
+        "seg", 256, 1e-5, 64, True)
+    assert G.get_args(["--dataset", "ade20k"]).background_penalty is False
+    assert G.HUB_REPO.startswith("facebookresearch/dinov2:") and len(G.HUB_REPO.split(":")[1]) == 40
