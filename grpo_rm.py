@@ -1,29 +1,22 @@
 """GRPO-RM: Fine-Tuning Representation Models via GRPO-Driven Reinforcement Learning.
 
-A single-file reference implementation of Xu, Jiao, Zhang & Li, arXiv 2511.15256. DINOv2 is
-post-trained for image classification or semantic segmentation with GRPO-RM (--method grpo) or
-with standard fine-tuning (--method ce), or left as it is (--method frozen); the post-trained
-backbone is then frozen and evaluated with a fresh head: softmax regression (SR) and kNN for
-classification, pixel accuracy / IoU / mIoU for segmentation.
+A reference implementation of Xu, Jiao, Zhang & Li, arXiv 2511.15256: DINOv2 post-trained with
+GRPO-RM (--method grpo), fine-tuned (ce) or left as it is (frozen), then frozen and evaluated with
+a fresh head: softmax regression (SR) and kNN, or pixel accuracy / IoU / mIoU.
 
-    python grpo_rm.py --dataset cifar10 --data-dir data/cifar10        # one GPU, or the CPU
     torchrun --nproc_per_node=4 grpo_rm.py --task seg --dataset voc --data-dir data/voc
 
-The file reads top to bottom: the method (rewards, advantages, the clipped objective, θ_old; it
-needs torch alone and can be copied out), the model (torch.hub DINOv2 and both heads), data,
-training (bf16, DDP), evaluation on frozen features, config and main. "Eq. (n)" cites the paper;
-"Open in the paper:" marks a point it leaves open and says what is done here. Benchmarks and the
-report (tables, figures) are in tools/.
+Top to bottom: the method (needs torch alone), the model, data, training, evaluation, main and
+config. "Eq. (n)" cites the paper; "Open in the paper:" marks a point it leaves open and says what
+is done here. Benchmarks and the report (tables, figures) are in tools/.
 """
 import argparse
 import copy
 import datetime
 import functools
-import glob
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import socket
@@ -81,10 +74,12 @@ def advantages(r, eps=1e-4):
     return (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + eps)  # (N, c)
 
 def grpo_rm_loss(logits, old_logits, labels, clip_eps=0.2, uniformity="eq4",
-                 background_penalty=False, ignore_index=-100, with_diagnostics=False):
+                 background_penalty=False, ignore_index=-100, dual_clip=None,
+                 with_diagnostics=False):
     """-J(θ) of Eq. (1) with β = 0: the group is the c classes, π_θ(o_i|q) = softmax(logits)_i.
     logits, old_logits (N, c); labels (N,). The mean over the samples whose label is not
-    ignore_index (images, or the labelled pixels of a segmentation batch)."""
+    ignore_index (images, or the labelled pixels of a segmentation batch). dual_clip=C (not in the
+    paper; off by default) bounds the terms of negative advantage below by C·A."""
     keep = labels != ignore_index  # (N,)
     y = labels.masked_fill(~keep, 0)
     dtype = torch.promote_types(logits.dtype, torch.float32)  # float32 under bf16 autocast
@@ -92,26 +87,34 @@ def grpo_rm_loss(logits, old_logits, labels, clip_eps=0.2, uniformity="eq4",
     logp_old = F.log_softmax(old_logits.detach().to(dtype), -1)  # (N, c) log π_θold(o_i|q)
     A = advantages(rewards(logp_old.exp(), y, uniformity, background_penalty))  # Alg. 1, l. 6-7
     # ρ in log space: p_old may underflow to 0 (in bf16 above all), p / p_old would be 0/0.
-    ratio = torch.exp(logp - logp_old)  # (N, c) ρ_i = π_θ(o_i|q) / π_θold(o_i|q)
+    log_ratio = logp - logp_old  # (N, c) log ρ_i, ρ_i = π_θ(o_i|q) / π_θold(o_i|q)
+    if dual_clip:  # Dual-clip PPO (Ye et al. 2020): for A < 0, max(min(ρA, clip(ρ)A), C·A), i.e.
+        bound = log_ratio.clamp(max=math.log(dual_clip))  # ρ at most C, in log space so that ρ
+        log_ratio = torch.where(A < 0, bound, log_ratio)  # never overflows; no gradient beyond C
+    ratio = torch.exp(log_ratio)  # (N, c)
     J = torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A).mean(-1)  # (N,)
     loss = -(J * keep).sum() / keep.sum().clamp(min=1)  # Eq. (1): 1/G Σ_i min(...), G = c
     if not with_diagnostics:
         return loss
-    return loss, diagnostics(ratio.detach(), A, logp_old, keep, clip_eps)
+    return loss, diagnostics(logp - logp_old, A, logp_old, keep, clip_eps, dual_clip)
 
 @torch.no_grad()
-def diagnostics(ratio, A, logp_old, keep, clip_eps):
+def diagnostics(log_ratio, A, logp_old, keep, clip_eps, dual_clip=None):
     """What to watch in a run, over the labelled samples: the fraction of (sample, class) terms
     the clip cuts off; KL(π_θold || π_θ) = Σ_i p_old,i [(ρ_i - 1) - log ρ_i] = -Σ_i p_old,i log ρ_i
-    (exact: the group is the whole class set); the mean and the max of |ρ - 1|."""
-    n, c = keep.sum().clamp(min=1), ratio.shape[1]
+    (exact: the group is the whole class set); the mean and the max of |ρ - 1|; the fraction of
+    terms the dual clip bounds."""
+    n, c = keep.sum().clamp(min=1), log_ratio.shape[1]
+    ratio, k = log_ratio.exp(), keep[:, None]  # (N, c), (N, 1)
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * A < ratio * A  # (N, c) min took clip
-    kl = -(logp_old.exp() * ratio.log()).sum(-1)  # (N,)
+    bounded = (A < 0) & (ratio > dual_clip) if dual_clip else torch.zeros_like(clipped)
+    kl = -(logp_old.exp() * log_ratio).sum(-1)  # (N,)
     dev = (ratio - 1).abs()  # (N, c)
-    return torch.stack([(clipped & keep[:, None]).sum() / (n * c), (kl * keep).sum() / n,
-                        (dev.sum(-1) * keep).sum() / (n * c), (dev.amax(-1) * keep).max()])
+    return torch.stack([(clipped & k).sum() / (n * c), (kl * keep).sum() / n,
+                        (dev.sum(-1) * keep).sum() / (n * c), (dev.amax(-1) * keep).max(),
+                        (bounded & k).sum() / (n * c)])
 
-DIAGNOSTICS = ("clip_frac", "approx_kl", "ratio_dev_mean", "ratio_dev_max")
+DIAGNOSTICS = ("clip_frac", "approx_kl", "ratio_dev_mean", "ratio_dev_max", "dual_clip_frac")
 
 def make_old(model):
     """θ_old: a frozen copy of the WHOLE model (backbone + head): no gradients, no optimizer."""
@@ -141,7 +144,7 @@ def load_backbone(hub_repo, name, weights=None, hub_kwargs=None):
     kwargs = {**(hub_kwargs or {}), **({"pretrained": False} if weights else {})}
     # torch.hub accepts a commit only if it heads a branch or tag unless validation is skipped;
     # the pin names the official repository, so there is no fork to guard against.
-    pinned = re.search(r":[0-9a-f]{40}$", hub_repo) is not None
+    pinned = len(hub_repo.rsplit(":", 1)[-1]) == 40
     default_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(HUB_TIMEOUT_S)  # urllib's reads would otherwise wait without end
     try:
@@ -153,8 +156,12 @@ def load_backbone(hub_repo, name, weights=None, hub_kwargs=None):
                         "facebookresearch/dinov2, then --hub-repo DIR --weights FILE") from None
     finally:
         socket.setdefaulttimeout(default_timeout)
-    if weights:
-        load_weights(model, weights, name)
+    if weights:  # a mismatch: torch's message names the missing, unexpected, misshapen keys
+        try:
+            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        except Exception as e:
+            raise UserError(f"--weights {weights}: cannot load into --model {name} "
+                            f"({' '.join(str(e).split())[:300]})") from None
     # A local hubconf.py runs as a module that is not registered; torch.compile looks the module
     # of the classes it defines up by name, so register it.
     for cls in {type(m) for m in model.modules()}:
@@ -162,17 +169,6 @@ def load_backbone(hub_repo, name, weights=None, hub_kwargs=None):
             sys.modules[cls.__module__] = types.ModuleType(cls.__module__)
             sys.modules[cls.__module__].__dict__.update(cls.forward.__globals__)
     return model
-
-def load_weights(model, path, name):
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"--weights {path}: cannot read ({type(e).__name__})") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:  # its message names the missing, unexpected and misshapen keys
-        raise UserError(f"--weights {path} does not fit --model {name}: "
-                        f"{' '.join(str(e).split()[6:])[:300]}") from None
 
 def mlp_head(in_dim, hidden, num_classes):  # Open in the paper: the activation (ReLU here)
     """The classification head: two fully connected layers on the class token."""
@@ -279,16 +275,14 @@ def with_download(root, what, get, allowed=True):
 
 def archive_root(root, what, nested, marker):
     """root, or root/nested, holding marker; the official archives are fetched when neither does."""
-    bases = [root, os.path.join(root, nested)]
-    if not any(os.path.exists(os.path.join(b, marker)) for b in bases):
-        for url, sub in URLS[what]:
-            try:
-                download_and_extract_archive(url, root, os.path.join(root, sub))
-            except Exception as e:
-                raise UserError(f"--data-dir {root}: no {what} there, and downloading {url} "
-                                f"failed ({type(e).__name__}); offline, put its files there"
-                                ) from None
-    return next((b for b in bases if os.path.exists(os.path.join(b, marker))), bases[-1])
+    def get(download):
+        for url, sub in URLS[what] if download else []:
+            download_and_extract_archive(url, root, os.path.join(root, sub))
+        for base in (root, os.path.join(root, nested)):
+            if os.path.exists(os.path.join(base, marker)):
+                return base
+        raise RuntimeError(f"no {marker}")
+    return with_download(root, what, get)
 
 def torchvision_set(cls, **splits):
     """CIFAR-10/100, STL-10: torchvision's datasets, downloaded by torchvision when missing."""
@@ -390,7 +384,8 @@ def voc(download):
 
 def folder_pairs(root, image_dir, mask_dir, table, c, transform):
     """*.jpg in image_dir, each with its mask <stem>.png in mask_dir."""
-    images = sorted(glob.glob(os.path.join(image_dir, "*.jpg")))
+    names = sorted(os.listdir(image_dir)) if os.path.isdir(image_dir) else []
+    images = [os.path.join(image_dir, f) for f in names if f.endswith(".jpg")]
     if not images:
         raise UserError(f"--data-dir {root}: no images found ({image_dir})")
     masks = [os.path.join(mask_dir, os.path.basename(f)[:-4] + ".png") for f in images]
@@ -543,7 +538,8 @@ def make_loss(args, ctx):
         return lambda z, z_old, y: (F.cross_entropy(z.float(), y, ignore_index=ignore), None)
     return compiled(functools.partial(
         grpo_rm_loss, clip_eps=args.clip_eps, uniformity=args.uniformity, ignore_index=ignore,
-        background_penalty=args.background_penalty, with_diagnostics=True), ctx.device)
+        background_penalty=args.background_penalty, dual_clip=args.dual_clip,
+        with_diagnostics=True), ctx.device)
 
 def train_step(model, old, opt, loss_fn, seg, ctx, x, y):
     """One optimisation step -> [loss, grad norm, *diagnostics], a device tensor: no host sync."""
@@ -587,9 +583,9 @@ def write_json_atomic(path, obj):
 RESUMABLE = {"out", "resume", "stop_after_epoch", "log_every", "workers", "save_vis",
              "eval_epochs", "eval_lr", "feature_type", "ms_scales", "eval_memory_gb"}
 
-def load_checkpoint(path, args, net, opt, sched):
-    """-> (the next epoch, the history so far). θ_old needs no saving: an epoch's θ_old is the
-    model at its start, which is what the checkpoint holds."""
+def load_checkpoint(path, args, net, old, opt, sched):
+    """-> (the next epoch, the history so far); θ_old as it was (with --old-every K it may date
+    from inside the last epoch)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     cfg = vars(args)
     diff = sorted(k for k in set(ckpt["config"]) | set(cfg)
@@ -598,6 +594,8 @@ def load_checkpoint(path, args, net, opt, sched):
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in diff)
         raise UserError(f"--resume: {path} was written with other settings ({flags})")
     net.load_state_dict(ckpt["model"])
+    if old is not None:
+        old.load_state_dict(ckpt["old"])
     opt.load_state_dict(ckpt["opt"])
     sched.load_state_dict(ckpt["sched"])
     return ckpt["epoch"], ckpt["hist"]
@@ -639,11 +637,13 @@ def progress(hist, epoch, epochs, per_epoch, t0, n_images):
               f"{n_images / elapsed:.0f} img/s", f"ETA {datetime.timedelta(seconds=round(eta))}"]
     print(" | ".join(parts), flush=True)
 
-def run_epoch(epoch, loader, step, sched, hist, args, ctx, ckpt):
+def run_epoch(epoch, loader, step, sched, hist, args, ctx, ckpt, net, old):
     """The steps of one epoch; the lr follows the cosine schedule step by step."""
     t0, rows, per_epoch = time.time(), [], len(loader)
     for i, (x, y) in enumerate(loader):
         s = epoch * per_epoch + i
+        if old is not None and (s % args.old_every == 0 if args.old_every else i == 0):
+            refresh_old(old, net)  # Algorithm 1, line 3: once an epoch, or every --old-every steps
         rows.append((s, sched.get_last_lr()[0], step(x, y)))
         sched.step()
         if s % args.log_every == 0 or i == per_epoch - 1:  # the loop's only host syncs
@@ -675,18 +675,17 @@ def train(args, ctx, net, train_set, run_dir):
     hist = {"train_loss": [], "sec_per_epoch": [], "series": {k: [] for k in keys}}
     ckpt, start = os.path.join(run_dir, "ckpt.pt"), 0
     if args.resume and os.path.isfile(ckpt):
-        start, hist = load_checkpoint(ckpt, args, net, opt, sched)
+        start, hist = load_checkpoint(ckpt, args, net, old, opt, sched)
         if ctx.rank == 0:
             print(f"resumed from {ckpt}: epoch {start + 1}", flush=True)
     for epoch in range(start, args.epochs):
-        if old is not None:
-            refresh_old(old, net)  # Algorithm 1, line 3
         sampler.set_epoch(epoch)
         torch.manual_seed(args.seed * 100_003 + ctx.rank * 1009 + epoch)  # augmentation draws
-        run_epoch(epoch, loader, step, sched, hist, args, ctx, ckpt)
+        run_epoch(epoch, loader, step, sched, hist, args, ctx, ckpt, net, old)
         if ctx.rank == 0:
             state = {"model": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1,
-                     "sched": sched.state_dict(), "hist": hist, "config": vars(args)}
+                     "sched": sched.state_dict(), "hist": hist, "config": vars(args),
+                     "old": old.state_dict() if old is not None else None}
             atomic_save(ckpt, functools.partial(torch.save, state))
         if args.stop_after_epoch == epoch + 1:
             return None
@@ -1046,12 +1045,15 @@ def make_parser():
     a("--method", choices=["grpo", "ce", "frozen"], default="grpo")
     a("--model", default="dinov2_vits14", help="hub entry point: dinov2_vit{s,b,l,g}14[_reg]")
     a("--hub-repo", default=HUB_REPO, help="GitHub owner/name[:ref], or a local clone")
-    a("--hub-kwargs", type=json_object, default="{}",
-      help='JSON arguments of the entry point: {"pretrained": false}')
+    a("--hub-kwargs", type=json_object, default="{}", help='entry point\'s: {"pretrained": false}')
     a("--weights", help="local state dict of the backbone (offline use); strict load")
     a("--uniformity", choices=sorted(UNIFORMITY), default="eq4", help="Table 6 ablation")
     a("--clip-eps", type=number(float, 0, 1, low_open=True), default=0.2, help="ε of Eq. (1)")
     a("--background-penalty", action=on_off, help="seg: r_0 -= c/2 after Eq. (6); default: voc")
+    a("--dual-clip", type=number(float, 1, low_open=True), metavar="C",
+      help="not in the paper: bound the terms of A < 0 below by C·A (dual-clip PPO; C = 3)")
+    a("--old-every", type=pos_int, metavar="K",
+      help="not in the paper: refresh θ_old every K steps (default: once an epoch, Algorithm 1)")
     a("--epochs", type=pos_int, default=100)
     a("--batch-size", type=pos_int, help="global batch m; default 1024 (cls), 256 (seg)")
     a("--lr", type=pos_float, help="lr per 256 images, cosine to lr/100; default 1e-3, seg 1e-5")
@@ -1066,16 +1068,13 @@ def make_parser():
     a("--eval-lr", type=pos_float, help="the same rule for the evaluation head; default --lr")
     a("--feature-type", type=listed, default="linear", help="seg evaluation: linear, ms or both")
     a("--ms-scales", type=scales, default="1.0,1.32,1.73,2.28,3.0", help="test scales of ms")
-    a("--eval-memory-gb", type=number(float, 0), default=8.0,
-      help="cached features above this go to disk")
-    a("--save-vis", type=number(int, 0), default=0, metavar="K",
-      help="seg: K image|truth|prediction PNGs")
+    a("--eval-memory-gb", type=number(float, 0), default=8.0, help="features beyond go to disk")
+    a("--save-vis", type=number(int, 0), default=0, metavar="K", help="seg: K example PNGs")
     a("--device", choices=["cuda", "cpu"], help="default: cuda when a GPU is visible")
     a("--dtype", choices=["bf16", "fp32"], help="autocast dtype; default bf16 on GPU, else fp32")
     a("--dist-backend", choices=["nccl", "gloo"], help="torchrun; default nccl on GPU, else gloo")
     a("--compile", action="store_true", help="torch.compile the model and θ_old too")
-    a("--workers", type=number(int, 0), default=min(8, os.cpu_count() or 1),
-      help="loaders per process")
+    a("--workers", type=number(int, 0), default=min(8, os.cpu_count() or 1), help="per process")
     a("--out", default="runs", help="each run writes OUT/NAME/result.json")
     a("--name", help="run name; default: derived from the flags")
     a("--resume", action="store_true", help="continue from OUT/NAME/ckpt.pt if there is one")
@@ -1111,6 +1110,8 @@ def run_name(args):
     parts = [args.task, args.dataset, args.method]
     parts += [args.uniformity] if args.method == "grpo" else []
     parts += [f"sub{args.subset:g}"] if args.subset < 1 else []
+    parts += [f"dc{args.dual_clip:g}"] if args.dual_clip else []
+    parts += [f"old{args.old_every}"] if args.old_every else []
     return "-".join(parts + [f"s{args.seed}"])
 
 def main(argv=None):

@@ -366,14 +366,67 @@ def test_diagnostics_by_hand():
     # group is every class)
     new, old, y = _known_ratio_batch()
     _, diag = G.grpo_rm_loss(new, old, y, with_diagnostics=True)
-    torch.testing.assert_close(diag, torch.tensor([1 / 3, 0.0199183, 0.1466667, 0.5],
+    torch.testing.assert_close(diag, torch.tensor([1 / 3, 0.0199183, 0.1466667, 0.5, 0.0],
                                                   dtype=torch.float64), atol=1e-6, rtol=0)
     exact_kl = (old.softmax(-1) * (old.log_softmax(-1) - new.log_softmax(-1))).sum(-1).mean()
     assert diag[1].item() == pytest.approx(exact_kl.item(), abs=1e-12)
 
 
+def test_dual_clip_by_hand():
+    # c = 3, p_old = 1/3 each, label 0: A = [2, -1, -1] / s, s = sqrt(3) + 1e-4 = 1.7321508.
+    # New p = [0.1, 0.1, 0.8]: ρ = [0.3, 0.3, 2.4]. Terms: 0.3 A_0 = 0.6/s (A > 0, below the
+    # clip: unclipped); min(0.3, 0.8)·(-1/s) = -0.8/s; min(-2.4/s, -1.2/s) = -2.4/s.
+    # Paper: loss = (2.4 + 0.8 - 0.6)/(3 s) = 0.5003413. Dual clip C = 2: the last term is
+    # max(-2.4/s, -2/s) = -2/s: loss = (2 + 0.8 - 0.6)/(3 s) = 0.4233658. C = 3 > 2.4: no bound.
+    old = torch.zeros(1, 3, dtype=torch.float64)
+    new = torch.log(torch.tensor([[0.1, 0.1, 0.8]], dtype=torch.float64)).requires_grad_()
+    y = torch.tensor([0])
+    assert G.grpo_rm_loss(new, old, y).item() == pytest.approx(0.5003413, abs=1e-7)
+    assert G.grpo_rm_loss(new, old, y, dual_clip=3).item() == pytest.approx(0.5003413, abs=1e-7)
+    loss, diag = G.grpo_rm_loss(new, old, y, dual_clip=2, with_diagnostics=True)
+    assert loss.item() == pytest.approx(0.4233658, abs=1e-7)
+    assert diag[4].item() == pytest.approx(1 / 3)  # one of the three terms bounded
+    # beyond the bound the term is the constant C·A: no gradient through ρ_2
+    (g,) = torch.autograd.grad(loss, new)
+    s = 3 ** 0.5 + 1e-4
+    ratio = torch.tensor([0.3, 0.3, 2.4], dtype=torch.float64)
+    A = torch.tensor([2.0, -1.0, -1.0], dtype=torch.float64) / s
+    w = ratio * A * torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)  # only ρ_0 A_0 is live
+    p = ratio / 3  # ∂ρ_i/∂z_j = ρ_i (δ_ij - p_j): -∂J/∂z = -(w - p Σ w) / 3
+    torch.testing.assert_close(g[0], -(w - p * w.sum()) / 3, atol=1e-12, rtol=0)
+    # A > 0 terms are never bounded: new p = [0.38, 0.31, 0.31], ρ = [1.14, 0.93, 0.93]; with
+    # C = 1.1 (below 1 + ε, where the clip would not yet bind) the term 1.14 A_0 stays as it is
+    near = torch.log(torch.tensor([[0.38, 0.31, 0.31]], dtype=torch.float64))
+    assert G.grpo_rm_loss(near, old, y, dual_clip=1.1).item() == pytest.approx(
+        G.grpo_rm_loss(near, old, y).item(), abs=1e-12)
+
+
+def test_dual_clip_gradient_finite_differences():
+    new, old = _batch(9, 6, 4, 1.5)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    ratio = new.softmax(-1) / old.softmax(-1)
+    assert (ratio > 1.5).any() and (ratio < 1.5).any()
+    assert torch.autograd.gradcheck(
+        lambda z: G.grpo_rm_loss(z, old, labels, 0.2, "eq4", False, dual_clip=1.5),
+        (new.requires_grad_(),), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dual_clip_keeps_an_overflowing_ratio_finite(dtype):
+    # A wrong class (A < 0) whose old log-probability is -200 and new one near 0: log ρ ≈ 200,
+    # ρ = inf in float32. The paper's form is not finite; the dual clip bounds ρ in log space.
+    old = torch.tensor([[5.0, 0.0, -200.0], [0.0, 1.0, 2.0]]).to(dtype)
+    new = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 2.5]]).to(dtype).requires_grad_()
+    y = torch.tensor([0, 1])
+    assert not torch.isfinite(G.grpo_rm_loss(new, old, y))
+    loss = G.grpo_rm_loss(new, old, y, dual_clip=3)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(new.grad.float()).all()
+    assert new.grad[1].abs().sum() > 0  # the sample without overflow still learns
+
+
 def plain_grpo_rm_loss(logits, old_logits, labels, eps=0.2, uniformity="eq4", penalty=False,
-                       ignore=-100):
+                       ignore=-100, dual=None):
     """Eq. (1), β = 0, as the paper writes it, differentiated by autograd: the reference."""
     keep = labels != ignore
     y = labels.masked_fill(~keep, 0)
@@ -383,7 +436,10 @@ def plain_grpo_rm_loss(logits, old_logits, labels, eps=0.2, uniformity="eq4", pe
     with torch.no_grad():
         A = G.advantages(G.rewards(logp_old.exp(), y, uniformity, penalty))
     ratio = torch.exp(logp - logp_old)
-    J = torch.minimum(ratio * A, ratio.clamp(1 - eps, 1 + eps) * A).mean(-1)
+    terms = torch.minimum(ratio * A, ratio.clamp(1 - eps, 1 + eps) * A)
+    if dual:  # dual-clip PPO as Ye et al. write it: max(min(ρA, clip(ρ)A), C·A) for A < 0
+        terms = torch.where(A < 0, torch.maximum(terms, dual * A), terms)
+    J = terms.mean(-1)
     return -(J * keep).sum() / keep.sum().clamp(min=1)
 
 
@@ -580,7 +636,7 @@ def test_hub_errors(hub, tmp_path):
     bad = {k: v for k, v in own.items() if "blocks.3" not in k}
     bad["pos_embed"] = torch.zeros(1, 5, 16)
     torch.save(bad, tmp_path / "bad.pth")
-    with pytest.raises(G.UserError, match=r"--weights .*bad.pth does not fit.*blocks\.3"):
+    with pytest.raises(G.UserError, match=r"--weights .*bad.pth: cannot load .*blocks\.3"):
         G.load_backbone(hub, "dinov2_vitt_test", str(tmp_path / "bad.pth"))
 
 
@@ -818,7 +874,8 @@ NO_QKV_BIAS = ["--hub-kwargs", '{"qkv_bias": false}']
 
 
 def reference_algorithm1(net, x_all, y_all, epochs, m, base_lr, method="grpo", eps=0.2,
-                         uniformity="eq4", penalty=False, seed=0, seg=False):
+                         uniformity="eq4", penalty=False, seed=0, seg=False, dual=None,
+                         old_every=None):
     """Algorithm 1 as the paper and NOTES.md state it, in a plain loop that uses none of
     grpo_rm.py's training code: Adam (no weight decay) with the cosine learning rate from
     base·m/256 to base/100·m/256; θ_old <- θ at the start of every epoch; the clipped loss of
@@ -830,9 +887,10 @@ def reference_algorithm1(net, x_all, y_all, epochs, m, base_lr, method="grpo", e
     per_epoch = math.ceil(n / m)
     total, step = epochs * per_epoch, 0
     for epoch in range(epochs):
-        old = copy.deepcopy(net)  # π_θold <- π_θ
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
         for b in range(per_epoch):
+            if (step % old_every == 0) if old_every else b == 0:
+                old = copy.deepcopy(net)  # π_θold <- π_θ: once an epoch, or every old_every steps
             idx = order[b * m:(b + 1) * m]
             x, y = x_all[idx], y_all[idx]
             for g in opt.param_groups:
@@ -849,7 +907,7 @@ def reference_algorithm1(net, x_all, y_all, epochs, m, base_lr, method="grpo", e
             if method == "ce":
                 loss = F.cross_entropy(z, y, ignore_index=ignore)
             else:
-                loss = plain_grpo_rm_loss(z, z_old, y, eps, uniformity, penalty, ignore)
+                loss = plain_grpo_rm_loss(z, z_old, y, eps, uniformity, penalty, ignore, dual)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -860,7 +918,8 @@ def reference_algorithm1(net, x_all, y_all, epochs, m, base_lr, method="grpo", e
 @pytest.mark.parametrize("extra", [
     ["--method", "grpo"], ["--method", "grpo", "--uniformity", "eq5"],
     ["--method", "grpo", "--uniformity", "none"], ["--method", "grpo", "--clip-eps", "0.05"],
-    ["--method", "ce"]])
+    ["--method", "ce"], ["--method", "grpo", "--dual-clip", "1.02"],
+    ["--method", "grpo", "--old-every", "2"]])
 def test_training_equals_reference_algorithm1(hub, imagefolder, tmp_path, monkeypatch, extra,
                                               eager_loss):
     seen = _capture_init(monkeypatch)
@@ -870,10 +929,12 @@ def test_training_equals_reference_algorithm1(hub, imagefolder, tmp_path, monkey
     a = G.get_args(cls_args(hub, imagefolder, tmp_path, *extra))
     x, y = _read_imagefolder(imagefolder)
     ref = reference_algorithm1(seen[0], x, y, 3, 8, 0.05, a.method, a.clip_eps, a.uniformity,
-                               seed=4)
+                               seed=4, dual=a.dual_clip, old_every=a.old_every)
     assert _max_diff(_trainable(ref), _trainable(net)) < 2e-6
     if a.method == "grpo":  # the clip was active: the comparison covers both regimes
         assert max(result["series"]["clip_frac"]) > 0.05
+    if a.dual_clip:  # and the dual clip bound some terms
+        assert max(result["series"]["dual_clip_frac"]) > 0
 
 
 def test_seg_training_equals_reference_algorithm1(hub, vocfolder, tmp_path, monkeypatch,
@@ -1082,17 +1143,18 @@ def test_ddp_resume(ddp_cls, tmp_path):
     assert r0["result"]["train_loss"] == pytest.approx(full["result"]["train_loss"], abs=1e-7)
 
 
-def test_exact_resume_at_an_epoch_boundary(hub, imagefolder, tmp_path):
-    full, net_full = G.main(cls_args(hub, imagefolder, tmp_path / "a", "--epochs", "3"))
+@pytest.mark.parametrize("extra", [[], ["--old-every", "2"]])  # θ_old from inside epoch 1
+def test_exact_resume_at_an_epoch_boundary(hub, imagefolder, tmp_path, extra):
+    full, net_full = G.main(cls_args(hub, imagefolder, tmp_path / "a", "--epochs", "3", *extra))
     res, _ = G.main(cls_args(hub, imagefolder, tmp_path / "b", "--epochs", "3",
-                             "--stop-after-epoch", "1"))
-    run = tmp_path / "b" / "cls-imagefolder-grpo-eq4-s0"
+                             "--stop-after-epoch", "1", *extra))
+    run = tmp_path / "b" / G.run_name(G.get_args(cls_args(hub, imagefolder, tmp_path, *extra)))
     assert res is None and (run / "ckpt.pt").exists() and not (run / "result.json").exists()
     with pytest.raises(G.UserError, match="--resume: .*other settings.*--lr"):
         G.main(cls_args(hub, imagefolder, tmp_path / "b", "--epochs", "3", "--resume", "--lr",
-                        "0.5"))
+                        "0.5", *extra))
     resumed, net_res = G.main(cls_args(hub, imagefolder, tmp_path / "b", "--epochs", "3",
-                                       "--resume"))
+                                       "--resume", *extra))
     assert _max_diff(net_full.state_dict(), net_res.state_dict()) < 1e-6
     assert resumed["metrics"] == full["metrics"] and resumed["series"] == full["series"]
 
