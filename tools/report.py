@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 METHODS = {"frozen": "DINOv2 (frozen)", "ce": "Fine-tuning", "grpo": "GRPO-RM"}
 UNIFORMITY_NAMES = {"none": "set to 0", "eq5": "Eq. (5)", "eq4": "Eq. (4) (GRPO-RM)"}
@@ -284,6 +284,13 @@ def bench_table(benches):
 # -----------------------------------------------------------------------------
 # Figures
 
+BLUE = (31, 119, 180)
+RED = (214, 39, 40)
+CUT = (255, 127, 14)    # the marks of cut steps: not the curve's colour
+GRID = (222, 226, 234)  # blue-grey: black or coloured text's antialiasing never makes it
+FIG2_TOP = 76           # Figure 2: two title lines, then the column titles, then the grid
+
+
 def font(size):
     try:
         return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType
@@ -299,6 +306,22 @@ def put_text(d, xy, s, f, anchor="lt", fill="black"):
     d.text((x, y), s, font=f, fill=fill)
 
 
+def save_png(img, path, title, texts):
+    """Saves img with its title and its other words (panel titles, legends, key) as PNG text
+    chunks: what the figure says stays readable without reading its pixels."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Title", title)
+    info.add_text("Description", "\n".join(texts))
+    img.save(path, pnginfo=info)
+
+
+def setting(d, lrs, seeds):
+    """What a figure shows, for its title: (the dataset and its folder, the lr of each method in
+    lrs {name: lr} and the words on seeds)."""
+    name = "{} ({})".format(*d.split(":", 1)) if ":" in d else d
+    return name, ", ".join([*(f"{m} lr {v:g}" for m, v in lrs.items()), seeds])
+
+
 def nice_ticks(lo, hi, n=5):
     """About n round values (multiples of 1, 2 or 5 × 10^k) within [lo, hi]."""
     raw = (hi - lo) / n if hi > lo else 1.0
@@ -308,40 +331,57 @@ def nice_ticks(lo, hi, n=5):
     return [float(f"{k * step:.12g}") for k in ks]  # k·step, without accumulated rounding
 
 
-def chart(d, box, title, xlabel, ylabel, lines, xgrid=()):
-    """A line chart in box (the plot area) of the ImageDraw d: axes with tick values, vertical grid
-    lines at xgrid, one line per {label: (xs, ys, colour)}, and a legend."""
+def plot_layer(size, X, Y, lines, xgrid, cut):
+    """The inside of a plotting box as its own image, so nothing drawn there leaves the box:
+    grid lines, curves, and a triangle at the top edge for each cut step."""
+    layer = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(layer)
+    for g in xgrid:
+        d.line([(X(g), 0), (X(g), size[1])], fill=GRID)
+    for x, y, colour in lines:
+        ok = np.flatnonzero(np.isfinite(y))
+        for run in np.split(ok, np.flatnonzero(np.diff(ok) > 1) + 1):  # a NaN (cut step): a gap
+            d.line([(X(x[k]), Y(y[k])) for k in run] * (1 + (len(run) == 1)), fill=colour)
+    for a in cut[0] if cut else ():
+        d.polygon([(X(a) - 4, 9), (X(a) + 4, 9), (X(a), 1)], fill=CUT)
+    return layer
+
+
+def chart(img, box, title, xlabel, ylabel, lines, xgrid=(), cut=None):
+    """A line chart whose plotting box is box: tick values, vertical grid lines at xgrid, one
+    curve per (xs, ys, colour) (NaN: a gap), cut = (xs, legend label): marks at the top edge."""
+    d = ImageDraw.Draw(img)
     f = font(13)
     x0, y0, x1, y1 = box
-    xs = np.concatenate([v[0] for v in lines.values()])
-    ys = np.concatenate([v[1] for v in lines.values()])
+    xs = np.concatenate([v[0] for v in lines])
+    ys = np.concatenate([v[1] for v in lines])
+    ys = ys[np.isfinite(ys)] if np.isfinite(ys).any() else np.zeros(1)  # every step cut: 0
     xlo, xhi, ylo, yhi = xs.min(), xs.max(), ys.min(), ys.max()
     pad = (yhi - ylo) * 0.05 or 0.5  # a flat line still gets a y range
     ylo, yhi = ylo - pad, yhi + pad
     xhi = xhi if xhi > xlo else xlo + 1
 
-    def X(v):
-        return x0 + (x1 - x0) * (v - xlo) / (xhi - xlo)
+    def X(v):  # in the box's own pixels
+        return (x1 - x0) * (v - xlo) / (xhi - xlo)
 
     def Y(v):
-        return y1 - (y1 - y0) * (v - ylo) / (yhi - ylo)
+        return (y1 - y0) * (yhi - v) / (yhi - ylo)
 
-    for g in xgrid:
-        d.line([(X(g), y0), (X(g), y1)], fill=(228, 228, 228))
+    img.paste(plot_layer((x1 - x0 + 1, y1 - y0 + 1), X, Y, lines, xgrid, cut), (x0, y0))
     for t in nice_ticks(ylo, yhi):
-        d.line([(x0 - 4, Y(t)), (x0, Y(t))], fill="black")
-        put_text(d, (x0 - 7, Y(t)), f"{t:.4g}", f, "rm")
+        d.line([(x0 - 4, y0 + Y(t)), (x0, y0 + Y(t))], fill="black")
+        put_text(d, (x0 - 7, y0 + Y(t)), f"{t:.4g}", f, "rm")
     for t in nice_ticks(xlo, xhi, 8):
-        d.line([(X(t), y1), (X(t), y1 + 4)], fill="black")
-        put_text(d, (X(t), y1 + 7), f"{t:g}", f, "mt")
-    for x, y, colour in lines.values():
-        d.line([(X(a), Y(b)) for a, b in zip(x, y)], fill=colour, width=1)
+        d.line([(x0 + X(t), y1), (x0 + X(t), y1 + 4)], fill="black")
+        put_text(d, (x0 + X(t), y1 + 7), f"{t:g}", f, "mt")
     d.rectangle(box, outline="black")
-    put_text(d, ((x0 + x1) / 2, y0 - 22), title, font(15), "mb")
+    put_text(d, ((x0 + x1) / 2, y0 - 24), title, font(15), "mb")
     put_text(d, ((x0 + x1) / 2, y1 + 26), xlabel, f, "mt")
     put_text(d, (x0 - 7, y0 - 6), ylabel, f, "rb")
-    for i, (label, (_, _, colour)) in enumerate(lines.items()):
-        put_text(d, (x1 - 8, y0 + 8 + 16 * i), label, f, "rt", colour)
+    if cut:  # the legend, above the box: it never covers the data
+        x = x1 - d.textbbox((0, 0), cut[1], font=f)[2] - 14
+        d.polygon([(x - 4, y0 - 5), (x + 4, y0 - 5), (x, y0 - 13)], fill=CUT)
+        put_text(d, (x1, y0 - 4), cut[1], f, "rb", CUT)
 
 
 def mean_series(runs, key):
@@ -353,8 +393,8 @@ def mean_series(runs, key):
 
 def cut_spikes(y):
     """y for drawing, where a few steps (a ratio blow-up) would flatten the rest to a line: when
-    the max is beyond p90 + 10·(p90 − p10), values above p90 + (p90 − p10) are drawn there.
-    Returns the drawn values and how many steps were cut."""
+    the max is beyond p90 + 10·(p90 − p10), values above p90 + (p90 − p10) are cut to it.
+    Returns the cut values and how many steps were cut (Figure 3 marks those at the top edge)."""
     lo, hi = np.percentile(y, [10, 90])
     top = hi + (hi - lo)
     if y.max() <= hi + 10 * (hi - lo):
@@ -362,12 +402,42 @@ def cut_spikes(y):
     return np.minimum(y, top), int((y > top).sum())
 
 
+def panel_box(i):
+    """Figure 3's plotting box of panel i (2 × 2, row by row): (x0, y0, x1, y1) in pixels."""
+    x0, y0 = 90 + 850 * (i % 2), 100 + 380 * (i // 2)
+    return x0, y0, x0 + 730, y0 + 260
+
+
+def fig3_panels(ce, gr, clip, per_epoch):
+    """Figure 3's panels as (title, y label, lines, x grid, cut) from (seeds, steps) series. The
+    steps cut_spikes cuts leave gaps in GRPO-RM's loss, cut = (their epochs, legend label)."""
+    def ep(a):  # (seeds, steps) -> the epoch at the end of each step
+        return (np.arange(a.shape[1]) + 1) / per_epoch
+
+    def cut_of(x, mask):
+        n = int(mask.sum())
+        return (x[mask], f"{n} step{'s' * (n != 1)} above the top edge, cut") if n else None
+    loss, x = gr.mean(0), ep(gr)
+    drawn, _ = cut_spikes(loss)  # the CSV keeps the values
+    cut = drawn < loss
+    shown = np.where(cut, np.nan, loss)
+    n3 = int(3 * per_epoch)  # the first three epochs, or fewer if the run has fewer
+    last = math.ceil(round(x[:n3][-1], 6))  # round: 100 steps / (100 / 3) is not quite 3
+    zoom = "epoch 1" if last == 1 else f"epochs 1-{last}"
+    grid = np.arange(0, x[-1] + 1, max(1, round(x[-1] / 25)))
+    return [("Fine-tuning: cross-entropy per step", "loss", [(ep(ce), ce.mean(0), BLUE)], grid,
+             None),
+            ("GRPO-RM: -J per step", "loss", [(x, shown, RED)], grid, cut_of(x, cut)),
+            (f"GRPO-RM: -J per step, {zoom}", "loss", [(x[:n3], shown[:n3], RED)],
+             np.arange(0, last + 1), cut_of(x[:n3], cut[:n3])),
+            ("GRPO-RM: clipped (sample, class) terms per step", "fraction",
+             [(ep(clip), clip.mean(0), RED)], grid, None)]
+
+
 def figure3(root, groups):
     """Figure 3 from the per-step series: both methods' training loss and GRPO-RM's clip fraction
     over the epochs (an epoch grid; GRPO-RM's loss restarts at 0 with every θ_old), CSV beside."""
     out = []
-    blue = (31, 119, 180)
-    red = (214, 39, 40)
     for t, d in sorted({(k.task, k.data) for k in groups}):
         kc, kg = main_key(groups, t, d, "ce"), main_key(groups, t, d, "grpo")
         ce = mean_series(groups[kc], "loss") if kc else None
@@ -376,29 +446,20 @@ def figure3(root, groups):
         if ce is None or gr is None or clip is None:
             continue
         per_epoch = len(gr[0]) / len(next(iter(groups[kg].values()))["train_loss"])
-
-        def ep(a):  # (seeds, steps) -> the epoch at the end of each step
-            return (np.arange(a.shape[1]) + 1) / per_epoch
-        zoom = gr[:, :int(3 * per_epoch)]
-        grid = np.arange(0, ep(gr)[-1] + 1, max(1, round(ep(gr)[-1] / 25)))
-        drawn, cut = cut_spikes(gr.mean(0))  # the CSV keeps the values
-        panels = [("Fine-tuning: cross-entropy per step", "loss",
-                   {"ce": (ep(ce), ce.mean(0), blue)}),
-                  ("GRPO-RM: -J per step" + (f" ({cut} steps cut at the top)" if cut else ""),
-                   "loss", {"grpo": (ep(gr), drawn, red)}),
-                  ("GRPO-RM: -J per step, epochs 1-3", "loss",
-                   {"grpo": (ep(zoom), zoom.mean(0), red)}),
-                  ("GRPO-RM: clipped (sample, class) terms per step", "fraction",
-                   {"grpo": (ep(clip), clip.mean(0), red)})]
-        img = Image.new("RGB", (1700, 760), "white")
-        draw = ImageDraw.Draw(img)
-        for i, (title, ylabel, lines) in enumerate(panels):
-            x0, y0 = 90 + 850 * (i % 2), 60 + 380 * (i // 2)
-            chart(draw, (x0, y0, x0 + 730, y0 + 260), title, "epoch", ylabel, lines,
-                  np.arange(0, 4) if i == 2 else grid)
+        panels = fig3_panels(ce, gr, clip, per_epoch)
+        seeds = (f"mean of {len(gr)} seeds" if len(ce) == len(gr) else
+                 f"mean of {len(ce)} (fine-tuning) and {len(gr)} (GRPO-RM) seeds")
+        lrs = {"fine-tuning": kc.lr, "GRPO-RM": kg.lr}
+        title = "Figure 3: " + ", ".join(setting(d, lrs, seeds))
+        img = Image.new("RGB", (1700, 800), "white")
+        put_text(ImageDraw.Draw(img), (850, 14), title, font(17), "mt")
+        for i, (name, ylabel, lines, grid, cut) in enumerate(panels):
+            chart(img, panel_box(i), name, "epoch", ylabel, lines, grid, cut)
         name = d.replace(":", "_")
-        img.save(os.path.join(root, f"fig3_{name}.png"))
-        write_curve_csv(os.path.join(root, f"fig3_{name}.csv"), ep(gr), ce, gr, clip)
+        texts = [p[0] for p in panels] + [p[4][1] for p in panels if p[4]]
+        save_png(img, os.path.join(root, f"fig3_{name}.png"), title, texts)
+        epoch = np.arange(1, gr.shape[1] + 1) / per_epoch
+        write_curve_csv(os.path.join(root, f"fig3_{name}.csv"), epoch, ce, gr, clip)
         out.append(f"Figure 3 ({d}): fig3_{name}.png, fig3_{name}.csv "
                    f"({len(groups[kc])} + {len(groups[kg])} seeds)")
     return out
@@ -412,6 +473,45 @@ def write_curve_csv(path, epoch, ce, gr, clip):
         for s in range(min(len(ce[0]), len(gr[0]))):
             f.write(f"{s + 1},{epoch[s]:.4f},{ce[:, s].mean():.6f},{ce[:, s].std():.6f},"
                     f"{gr[:, s].mean():.6f},{gr[:, s].std():.6f},{clip[:, s].mean():.6f}\n")
+
+
+def voc_palette():
+    """The Pascal VOC colour map (class bits spread over the high bits of R, G, B), as
+    grpo_rm.py's save_vis paints the label maps (a copy: tools/ must not import grpo_rm)."""
+    pal = np.zeros((256, 3), np.uint8)
+    for i in range(256):
+        c = i
+        for j in range(8):
+            pal[i] |= np.array([c & 1, (c >> 1) & 1, (c >> 2) & 1], np.uint8) << (7 - j)
+            c >>= 3
+    return pal
+
+
+def classes_in(tiles):
+    """The sorted class indices whose palette colours occur in the (3, H, W) uint8 label tiles;
+    colours off the palette (none, in a nearest-resized label map) are no class."""
+    rgb = np.concatenate([t.reshape(3, -1).numpy().T for t in tiles]).astype(np.int64)
+    codes = set(np.unique(rgb @ [65536, 256, 1]).tolist())
+    return [i for i, c in enumerate((voc_palette().astype(np.int64) @ [65536, 256, 1]).tolist())
+            if c in codes]
+
+
+def colour_key(classes, width):
+    """Figure 2's key, a swatch and the index of each class (255: no label) in rows that fit
+    width -> (its image, its words)."""
+    f = font(13)
+    labels = [f"{c}" + " no label" * (c == 255) for c in classes]
+    per_row = max(1, (width - 110) // 56)  # 70 px for "classes:", 40 more: "255 no label"
+    img = Image.new("RGB", (width, 22 * math.ceil(len(classes) / per_row) + 6), "white")
+    d = ImageDraw.Draw(img)
+    put_text(d, (6, 12), "classes:", f, "lm")
+    for i, (c, label) in enumerate(zip(classes, labels)):
+        x, y = 70 + 56 * (i % per_row), 22 * (i // per_row)
+        # an outline: black and cream swatches stay visible on white
+        colour = tuple(int(v) for v in voc_palette()[c])
+        d.rectangle((x, y + 5, x + 14, y + 19), fill=colour, outline=(90, 90, 90))
+        put_text(d, (x + 20, y + 12), label, f, "lm")
+    return img, "classes: " + ", ".join(labels)
 
 
 def vis_pngs(groups, d):
@@ -436,9 +536,20 @@ def vis_tiles(pngs, i, tile):
     return [pil_to_tensor(c.resize((tile, tile), Image.NEAREST)) for c in crops]
 
 
+def fig2_title(groups, d):
+    """Figure 2's two title lines: the dataset; the lrs and the seed of each column's run."""
+    keys = {m: main_key(groups, "seg", d, m) for m in METHODS}
+    lrs = {name: keys[m].lr for m, name in (("ce", "fine-tuning"), ("grpo", "GRPO-RM")) if keys[m]}
+    first = [str(min(groups[k])) for k in keys.values() if k]
+    seeds = f"seed {first[0]}" if len(set(first)) == 1 else "seeds " + "/".join(first)
+    name, rest = setting(d, lrs, f"one seed per method, not averaged ({seeds})")
+    return "Figure 2: " + name, rest
+
+
 def figure2(root, groups, tile=160, pad=2):
     """Figure 2: image | truth | frozen | fine-tuning | GRPO-RM, from the --save-vis PNGs of each
-    method's first seed, tiles upsampled (nearest) to tile px, under column titles."""
+    method's first seed, tiles upsampled (nearest) to tile px, under column titles, over a key of
+    the classes they show."""
     # torchvision only here: the tables and Figure 3 need numpy and PIL alone
     from torchvision.transforms.functional import to_pil_image
     from torchvision.utils import make_grid
@@ -450,13 +561,20 @@ def figure2(root, groups, tile=160, pad=2):
             continue
         tiles = [t for i in range(n) for t in vis_tiles(pngs, i, tile)]
         grid = to_pil_image(make_grid(tiles, nrow=len(FIG2_COLUMNS), padding=pad, pad_value=255))
-        img = Image.new("RGB", (grid.width, 28 + grid.height), "white")
-        img.paste(grid, (0, 28))
+        key, key_text = colour_key(classes_in(tiles[j] for j in range(len(tiles)) if j % 5),
+                                   grid.width)
+        img = Image.new("RGB", (grid.width, FIG2_TOP + grid.height + 8 + key.height), "white")
+        img.paste(grid, (0, FIG2_TOP))
+        img.paste(key, (0, FIG2_TOP + grid.height + 8))
         draw = ImageDraw.Draw(img)
-        for j, title in enumerate(FIG2_COLUMNS):
-            put_text(draw, (pad + (tile + pad) * j + tile / 2, 14), title, font(15), "mm")
+        title = fig2_title(groups, d)
+        for i, line in enumerate(title):
+            put_text(draw, (grid.width / 2, 4 + 22 * i), line, font(15), "mt")
+        for j, column in enumerate(FIG2_COLUMNS):
+            put_text(draw, (pad + (tile + pad) * j + tile / 2, FIG2_TOP - 14), column, font(15),
+                     "mm")
         name = f"fig2_{d.replace(':', '_')}.png"
-        img.save(os.path.join(root, name))
+        save_png(img, os.path.join(root, name), "\n".join(title), [*FIG2_COLUMNS, key_text])
         out.append(f"Figure 2 ({d}): {name} ({' | '.join(FIG2_COLUMNS)})")
     return out
 

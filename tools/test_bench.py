@@ -51,6 +51,8 @@ def test_loss_only(tmp_path, monkeypatch, capsys):
     # not the ratio of the medians (2 / 2 = 1).
     fake = {"ce": [1.0, 2.0, 3.0], "grpo_eager": [2.0, 2.0, 9.0], "grpo_compiled": [3.0, 2.0, 4.5]}
     monkeypatch.setattr(B, "time_rounds", lambda fns, *a: {k: np.array(fake[k]) for k in fns})
+    torch._dynamo.reset()  # as in a fresh process: after many compilations of the loss in one
+    # pytest process, dynamo's recompile limit would leave it running eagerly
     B.main(["--dataset", "imagefolder", "--loss-only", "64,5,32,7", "--device", "cpu",
             "--out", str(tmp_path)])
     res = json.loads((tmp_path / "loss-cpu-float32-64x5-32x7.json").read_text())

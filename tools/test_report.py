@@ -1,5 +1,6 @@
 """Tests of tools/report.py on fake result.json and bench-*.json files: the tables' numbers by hand,
-the paired confidence intervals, Figure 3's CSV and PNG, and the command line's error."""
+the paired confidence intervals, Figures 2 and 3 (pixels, and the words kept in their PNG text
+chunks), and the command line's error."""
 import json
 import os
 import subprocess
@@ -26,8 +27,9 @@ def test_paired_ci_by_hand():
 
 
 def _fake_run(root, name, task, dataset, method, seed, metrics, losses=(), uniformity="eq4",
-              subset=1.0, lr=1e-3, eval_lr=1e-3, series=None):
-    cfg = {"task": task, "dataset": dataset, "data_dir": f"data/{dataset}", "method": method,
+              subset=1.0, lr=1e-3, eval_lr=1e-3, series=None, data_dir=None):
+    cfg = {"task": task, "dataset": dataset, "data_dir": data_dir or f"data/{dataset}",
+           "method": method,
            "uniformity": uniformity, "subset": subset, "seed": seed, "lr": lr, "eval_lr": eval_lr}
     os.makedirs(root / name)
     (root / name / "result.json").write_text(json.dumps(
@@ -107,27 +109,99 @@ def test_cut_spikes_only_when_a_few_steps_dwarf_the_rest():
     assert cut == 2 and drawn[100] == drawn[200] == 0.03 and y[100] == 1e12
 
 
+def _fake_curves(root, epochs, per_epoch=4, grpo_loss=None, dataset="cifar10", **kw):
+    """Two seeds of fine-tuning and of GRPO-RM with per-step series: ce's loss falls, GRPO-RM's
+    a sawtooth restarting at 0 every epoch (or grpo_loss(step)), its clip fraction another."""
+    steps = list(range(per_epoch * epochs))
+    metrics = {"sr": 1.0, "knn": 1.0}
+    loss = grpo_loss or (lambda s: -0.01 * (s % per_epoch))
+    for seed in (0, 1):
+        _fake_run(root, f"ce{seed}", "cls", dataset, "ce", seed, metrics, [1.0] * epochs,
+                  series={"step": steps, "loss": [2.0 - 0.1 * s for s in steps]}, **kw)
+    for seed in (0, 1):
+        _fake_run(root, f"g{seed}", "cls", dataset, "grpo", seed, metrics, [0.0] * epochs,
+                  series={"step": steps, "loss": [loss(s) for s in steps],
+                          "clip_frac": [0.1 * (s % per_epoch) for s in steps]}, **kw)
+
+
+def _in_panels(shape):
+    """A (H, W) mask of Figure 3's four plotting boxes, their frames included."""
+    inside = np.zeros(shape, bool)
+    for i in range(4):
+        x0, y0, x1, y1 = report.panel_box(i)
+        inside[y0:y1 + 1, x0:x1 + 1] = True
+    return inside
+
+
 def test_figure3_from_per_step_series(tmp_path):
     per_epoch, epochs = 4, 3
-    for seed in (0, 1):
-        steps = list(range(per_epoch * epochs))
-        metrics = {"sr": 1.0, "knn": 1.0}
-        _fake_run(tmp_path, f"ce{seed}", "cls", "cifar10", "ce", seed, metrics, [1.0] * epochs,
-                  series={"step": steps, "loss": [2.0 - 0.1 * s for s in steps]})
-        _fake_run(tmp_path, f"g{seed}", "cls", "cifar10", "grpo", seed, metrics, [0.0] * epochs,
-                  series={"step": steps, "loss": [-0.01 * (s % per_epoch) for s in steps],
-                          "clip_frac": [0.1 * (s % per_epoch) for s in steps]})
+    _fake_curves(tmp_path, epochs, per_epoch)
     text = report.report(str(tmp_path))
     assert "Figure 3 (cifar10): fig3_cifar10.png" in text
     rows = (tmp_path / "fig3_cifar10.csv").read_text().splitlines()
     assert rows[0].startswith("step,epoch,ce_loss_mean") and len(rows) == 1 + per_epoch * epochs
     assert rows[6].split(",")[:5] == ["6", "1.5000", "1.500000", "0.000000", "-0.010000"]
     img = np.array(Image.open(tmp_path / "fig3_cifar10.png").convert("RGB"))
-    h, w = img.shape[0] // 2, img.shape[1] // 2
-    blue, red = np.all(img == (31, 119, 180), -1), np.all(img == (214, 39, 40), -1)
-    # fine-tuning's curve top left, GRPO-RM's in the three other panels
-    assert blue[:h, :w].sum() > 100 and red[:h, w:].sum() > 100 and red[h:].sum() > 200
-    assert blue[:, w:].sum() == 0 and red[:h, :w].sum() < 20  # (the legend's label is red)
+    blue, red = np.all(img == report.BLUE, -1), np.all(img == report.RED, -1)
+    box = [report.panel_box(i) for i in range(4)]
+    inside = [(slice(y0, y1 + 1), slice(x0, x1 + 1)) for x0, y0, x1, y1 in box]
+    # fine-tuning's curve top left, GRPO-RM's in the three other panels, and nowhere else
+    assert blue[inside[0]].sum() > 100 and blue.sum() == blue[inside[0]].sum()
+    assert red[inside[0]].sum() == 0 and all(red[b].sum() > 100 for b in inside[1:])
+    assert red.sum() == sum(red[b].sum() for b in inside[1:])
+
+
+def test_figure3_grid_lines_stay_in_their_panels(tmp_path):
+    # 2 epochs: the zoom panel's grid at epochs 0-3 once reached epoch 3, far right of its box,
+    # into the clip-fraction panel
+    _fake_curves(tmp_path, epochs=2)
+    report.report(str(tmp_path))
+    img = np.array(Image.open(tmp_path / "fig3_cifar10.png").convert("RGB"))
+    inside = _in_panels(img.shape[:2])
+    for colour in (report.GRID, report.RED, report.BLUE):
+        drawn = np.all(img == colour, -1)
+        assert drawn[inside].sum() > 50, colour  # the check sees grid lines and curves
+        assert drawn[~inside].sum() == 0, colour
+
+
+def test_figure3_titles_name_the_data_lr_seeds_and_epochs(tmp_path):
+    data = {"dataset": "imagefolder", "data_dir": "/data/cifar10_mini/"}
+    _fake_curves(tmp_path, epochs=2, **data)
+    for seed in (2, 3, 4):  # GRPO-RM at another lr with more seeds: its main setting
+        _fake_run(tmp_path, f"g{seed}x", "cls", "imagefolder", "grpo", seed,
+                  {"sr": 1.0, "knn": 1.0}, [0.0] * 2, lr=1e-4, data_dir=data["data_dir"],
+                  series={"loss": [-0.01] * 8, "clip_frac": [0.1] * 8})
+    report.report(str(tmp_path))
+    png = Image.open(tmp_path / "fig3_imagefolder_cifar10_mini.png")
+    assert png.text["Title"] == ("Figure 3: imagefolder (cifar10_mini), fine-tuning lr 0.001, "
+                                 "GRPO-RM lr 0.0001, mean of 2 (fine-tuning) and 3 (GRPO-RM) seeds")
+    titles = png.text["Description"].splitlines()
+    assert titles[2] == "GRPO-RM: -J per step, epochs 1-2"  # a 2-epoch run: 2 epochs shown
+    # one epoch; 100 steps in 3 epochs (100 / (100 / 3) is a hair over 3)
+    assert report.fig3_panels(*[np.zeros((1, 4))] * 3, 4)[2][0].endswith(", epoch 1")
+    assert report.fig3_panels(*[np.zeros((1, 100))] * 3, 100 / 3)[2][0].endswith("epochs 1-3")
+
+
+def test_figure3_marks_cut_steps_apart_from_the_curve(tmp_path):
+    # a sawtooth with 2 blow-ups (steps 5 and 39): cut, marked at the top edge, counted in a legend
+    _fake_curves(tmp_path, epochs=3, per_epoch=20,
+                 grpo_loss=lambda s: 1e9 if s in (5, 39) else -0.001 * (s % 20))
+    report.report(str(tmp_path))
+    png = Image.open(tmp_path / "fig3_cifar10.png")
+    words = png.text["Description"].splitlines()
+    assert words.count("2 steps above the top edge, cut") == 2  # the whole run and epochs 1-3
+    img = np.array(png.convert("RGB"))
+    x0, y0, x1, y1 = report.panel_box(1)
+    marks = np.all(img == report.CUT, -1)
+    assert marks[y0:y0 + 10, x0:x1].sum() > 20  # triangles at the top edge of the box
+    assert marks[y0 - 20:y0 - 2, x0:x1].sum() > 10  # and the legend's, above it
+    assert marks[y0 + 10:y1 + 1].sum() == 0
+    # the curve is not joined through the cut steps: no red at the top edge
+    assert not np.all(img[y0 + 1:y0 + 10, x0:x1] == report.RED, -1).any()
+    loss = -0.01 * (np.arange(40) % 4)
+    loss[[1, 21]] = 1e9
+    drawn = report.fig3_panels(np.zeros((1, 40)), loss[None], np.zeros((1, 40)), 4)[1][2][0][1]
+    assert np.flatnonzero(np.isnan(drawn)).tolist() == [1, 21]  # gaps there, values elsewhere
 
 
 def test_figure2_puts_each_method_in_its_column(tmp_path):
@@ -146,10 +220,50 @@ def test_figure2_puts_each_method_in_its_column(tmp_path):
     text = report.report(str(tmp_path))
     assert "Figure 2 (voc): fig2_voc.png (image | truth | frozen | fine-tuning | GRPO-RM)" in text
     img = np.array(Image.open(tmp_path / "fig2_voc.png").convert("RGB"))
-    tile, pad, top = 160, 2, 28  # figure2's defaults, under a 28 px strip of column titles
-    assert img.shape == (top + tile + 2 * pad, 5 * (tile + pad) + pad, 3)
+    tile, pad, top = 160, 2, report.FIG2_TOP  # figure2's defaults, under the titles
+    assert img.shape[1] == 5 * (tile + pad) + pad and img.shape[0] > top + tile + 2 * pad
     expected = [(255, 0, 0), (0, 255, 0), *colours.values()]
     for j, colour in enumerate(expected):
         x = pad + (tile + pad) * j
         block = img[top + pad:top + pad + tile, x:x + tile]
         assert np.all(block == colour), j
+
+
+def _fake_vis(root, labels):
+    """A seg run per method on voc with one --save-vis PNG, image | truth | prediction of 4 px
+    each: labels {method: (image colour, truth class(es), predicted class)}."""
+    pal = report.voc_palette()
+    for m, (image, truth, pred) in labels.items():
+        _fake_run(root, m, "seg", "voc", m, 0, {"linear": dict.fromkeys(report.SEG_METRICS, 1.0)})
+        os.makedirs(root / m / "vis")
+        png = np.zeros((4, 12, 3), np.uint8)
+        png[:, :4] = image
+        png[:2, 4:8], png[2:, 4:8] = pal[truth[0]], pal[truth[-1]]
+        png[:, 8:] = pal[pred]
+        Image.fromarray(png).save(root / m / "vis" / "000.png")
+
+
+def test_voc_palette_is_grpo_rms():
+    pal = report.voc_palette()
+    assert pal[[0, 1, 2, 3, 15, 255]].tolist() == [
+        [0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [192, 128, 128], [224, 224, 192]]
+    sys.path.insert(0, os.path.dirname(os.path.dirname(SCRIPT)))
+    grpo_rm = pytest.importorskip("grpo_rm")
+    assert np.array_equal(pal, grpo_rm.voc_palette())
+
+
+def test_figure2_keys_the_classes_its_label_tiles_show(tmp_path):
+    pal = report.voc_palette()
+    # the image is painted in class 5's colour: an image is no label map, 5 is no class shown
+    _fake_vis(tmp_path, {"frozen": (pal[5], (1, 255), 2), "ce": (pal[5], (1,), 3),
+                         "grpo": (pal[5], (1,), 2)})
+    report.report(str(tmp_path))
+    png = Image.open(tmp_path / "fig2_voc.png")
+    assert png.text["Title"] == ("Figure 2: voc\nfine-tuning lr 0.001, GRPO-RM lr 0.001, "
+                                 "one seed per method, not averaged (seed 0)")
+    assert png.text["Description"].splitlines()[-1] == "classes: 1, 2, 3, 255 no label"
+    img = np.array(png.convert("RGB"))
+    key = img[report.FIG2_TOP + 160 + 2 * 2:]  # under the grid
+    for c in (1, 2, 3, 255):
+        assert np.all(key == pal[c], -1).sum() >= 13 * 13, c  # its swatch
+    assert not np.all(key == pal[5], -1).any()
