@@ -59,6 +59,12 @@ def data_label(cfg):
     return f"{cfg['dataset']}:{os.path.basename(os.path.normpath(cfg['data_dir']))}"
 
 
+def variant(c):
+    """What a GRPO-RM run adds to the paper's form (grpo_rm.py's flags beyond the paper)."""
+    v = f" + dual-clip {c['dual_clip']:g}" if c.get("dual_clip") else ""
+    return v + (f" + θ_old every {c['old_every']} steps" if c.get("old_every") else "")
+
+
 def load_groups(root):
     """RUNS_DIR/*/result.json -> {Key: {seed: result}}; each result also records its folder."""
     groups = {}
@@ -68,7 +74,7 @@ def load_groups(root):
         c = r["config"]
         frozen = c["method"] == "frozen"
         key = Key(c["task"], data_label(c), c["method"],
-                  c["uniformity"] if c["method"] == "grpo" else "",
+                  c["uniformity"] + variant(c) if c["method"] == "grpo" else "",
                   1.0 if frozen else c["subset"], 0.0 if frozen else c["lr"], c["eval_lr"])
         groups.setdefault(key, {})[c["seed"]] = r
     return groups
@@ -228,6 +234,34 @@ def paired_table(groups):
                     out.append(f"| {d} | {name} | {metric} | {ci[0]:+.2f} "
                                f"[{ci[1]:+.2f}, {ci[2]:+.2f}] ({ci[3]}) |")
     return out + [""] if len(out) > 4 else []
+
+
+def stable_table(groups):
+    """Beyond the paper: each GRPO-RM variant beside the paper's form and fine-tuning, the
+    difference to fine-tuning paired by seed, and the largest |ρ - 1| of every run."""
+    out = []
+    for t, d in sorted({(k.task, k.data) for k in groups if " + " in k.uniformity}):
+        ms = [(x, None) for x in CLS_METRICS] if t == "cls" else [("miou", "linear")]
+        kc = main_key(groups, t, d, "ce")
+        keys = [k for k in (kc, main_key(groups, t, d, "grpo")) if k]
+        keys += sorted(k for k in groups if (k.task, k.data) == (t, d) and " + " in k.uniformity)
+        out += [f"### Beyond the paper on {d}: GRPO-RM's variants (lr {keys[-1].lr:g})", "",
+                "| Method | seeds | " + " | ".join(x for x, _ in ms) + " | "
+                + " | ".join(f"{x} − fine-tuning [95% CI]" for x, _ in ms)
+                + " | max \\|ρ − 1\\| per run |", "|---" * (3 + 2 * len(ms)) + "|"]
+        for k in keys:
+            runs = groups[k]
+            name = METHODS[k.method] + k.uniformity.replace("eq4", "", 1)
+            cells = [cell(values(runs, x, ft)) for x, ft in ms]
+            for x, ft in ms:
+                ci = paired_ci(values(runs, x, ft), values(groups[kc], x, ft)) if kc else None
+                cells.append(f"{ci[0]:+.2f} [{ci[1]:+.2f}, {ci[2]:+.2f}]" if ci else "—")
+            dev = [max(r["series"]["ratio_dev_max"]) for r in runs.values()
+                   if r.get("series", {}).get("ratio_dev_max")]
+            cells.append(", ".join(f"{v:.3g}" for v in dev) or "—")
+            out.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
 
 
 def settings_table(groups):
@@ -425,8 +459,8 @@ def fig3_panels(ce, gr, clip, per_epoch):
     last = math.ceil(round(x[:n3][-1], 6))  # round: 100 steps / (100 / 3) is not quite 3
     zoom = "epoch 1" if last == 1 else f"epochs 1-{last}"
     grid = np.arange(0, x[-1] + 1, max(1, round(x[-1] / 25)))
-    return [("Fine-tuning: cross-entropy per step", "loss", [(ep(ce), ce.mean(0), BLUE)], grid,
-             None),
+    first = [(ep(ce), ce.mean(0), BLUE)] if ce is not None else []
+    return [("Fine-tuning: cross-entropy per step", "loss", first, grid, None),
             ("GRPO-RM: -J per step", "loss", [(x, shown, RED)], grid, cut_of(x, cut)),
             (f"GRPO-RM: -J per step, {zoom}", "loss", [(x[:n3], shown[:n3], RED)],
              np.arange(0, last + 1), cut_of(x[:n3], cut[:n3])),
@@ -436,33 +470,54 @@ def fig3_panels(ce, gr, clip, per_epoch):
 
 def figure3(root, groups):
     """Figure 3 from the per-step series: both methods' training loss and GRPO-RM's clip fraction
-    over the epochs (an epoch grid; GRPO-RM's loss restarts at 0 with every θ_old), CSV beside."""
+    over the epochs (an epoch grid; GRPO-RM's loss restarts at 0 with every θ_old), CSV beside.
+    One figure for the paper's form and one for each variant beyond it; without fine-tuning runs
+    the first panel shows GRPO-RM's largest |ρ - 1| instead."""
     out = []
     for t, d in sorted({(k.task, k.data) for k in groups}):
-        kc, kg = main_key(groups, t, d, "ce"), main_key(groups, t, d, "grpo")
-        ce = mean_series(groups[kc], "loss") if kc else None
-        gr = mean_series(groups[kg], "loss") if kg else None
-        clip = mean_series(groups[kg], "clip_frac") if kg else None
-        if ce is None or gr is None or clip is None:
-            continue
-        per_epoch = len(gr[0]) / len(next(iter(groups[kg].values()))["train_loss"])
-        panels = fig3_panels(ce, gr, clip, per_epoch)
-        seeds = (f"mean of {len(gr)} seeds" if len(ce) == len(gr) else
-                 f"mean of {len(ce)} (fine-tuning) and {len(gr)} (GRPO-RM) seeds")
-        lrs = {"fine-tuning": kc.lr, "GRPO-RM": kg.lr}
-        title = "Figure 3: " + ", ".join(setting(d, lrs, seeds))
-        img = Image.new("RGB", (1700, 800), "white")
-        put_text(ImageDraw.Draw(img), (850, 14), title, font(17), "mt")
-        for i, (name, ylabel, lines, grid, cut) in enumerate(panels):
-            chart(img, panel_box(i), name, "epoch", ylabel, lines, grid, cut)
-        name = d.replace(":", "_")
-        texts = [p[0] for p in panels] + [p[4][1] for p in panels if p[4]]
-        save_png(img, os.path.join(root, f"fig3_{name}.png"), title, texts)
-        epoch = np.arange(1, gr.shape[1] + 1) / per_epoch
-        write_curve_csv(os.path.join(root, f"fig3_{name}.csv"), epoch, ce, gr, clip)
-        out.append(f"Figure 3 ({d}): fig3_{name}.png, fig3_{name}.csv "
-                   f"({len(groups[kc])} + {len(groups[kg])} seeds)")
+        kc = main_key(groups, t, d, "ce")
+        main = main_key(groups, t, d, "grpo")
+        extra = sorted(k for k in groups if (k.task, k.data) == (t, d) and " + " in k.uniformity)
+        for kg in [main, *extra] if main or extra else []:
+            if kg is not None:
+                out += figure3_one(root, groups, d, kc, kg)
     return out
+
+
+def figure3_one(root, groups, d, kc, kg):
+    ce = mean_series(groups[kc], "loss") if kc else None
+    gr = mean_series(groups[kg], "loss")
+    clip = mean_series(groups[kg], "clip_frac")
+    if gr is None or clip is None:
+        return []
+    per_epoch = len(gr[0]) / len(next(iter(groups[kg].values()))["train_loss"])
+    panels = fig3_panels(ce, gr, clip, per_epoch)
+    if ce is None:  # the blow-up's own measure, on a log scale (it spans 16 orders of magnitude)
+        dev = np.log10(np.maximum(mean_series(groups[kg], "ratio_dev_max").max(0), 1e-12))
+        x = (np.arange(len(dev)) + 1) / per_epoch
+        panels[0] = ("GRPO-RM: log10 of the largest |ρ - 1| per step (max over seeds)", "log10",
+                     [(x, dev, RED)], panels[1][3], None)
+    runs = f"{len(gr)} seed{'s' * (len(gr) != 1)}"
+    seeds = f"mean of {runs}" if ce is None or len(ce) == len(gr) else (
+        f"mean of {len(ce)} (fine-tuning) and {len(gr)} (GRPO-RM) seeds")
+    lrs = {"GRPO-RM" + kg.uniformity.replace("eq4", "", 1): kg.lr}
+    lrs = {"fine-tuning": kc.lr, **lrs} if ce is not None else lrs
+    title = "Figure 3: " + ", ".join(setting(d, lrs, seeds))
+    img = Image.new("RGB", (1700, 800), "white")
+    put_text(ImageDraw.Draw(img), (850, 14), title, font(17), "mt")
+    for i, (name, ylabel, lines, grid, cut) in enumerate(panels):
+        chart(img, panel_box(i), name, "epoch", ylabel, lines, grid, cut)
+    slug = "".join(ch if ch.isalnum() else "_" for ch in kg.uniformity.split(" + ", 1)[1]) if (
+        " + " in kg.uniformity) else ""
+    name = d.replace(":", "_") + (f"_{slug}" if slug else "")
+    texts = [p[0] for p in panels] + [p[4][1] for p in panels if p[4]]
+    save_png(img, os.path.join(root, f"fig3_{name}.png"), title, texts)
+    if ce is None:
+        return [f"Figure 3 ({d}, GRPO-RM{kg.uniformity.replace('eq4', '', 1)}): fig3_{name}.png"]
+    epoch = np.arange(1, gr.shape[1] + 1) / per_epoch
+    write_curve_csv(os.path.join(root, f"fig3_{name}.csv"), epoch, ce, gr, clip)
+    return [f"Figure 3 ({d}): fig3_{name}.png, fig3_{name}.csv "
+            f"({len(groups[kc])} + {len(groups[kg])} seeds)"]
 
 
 def write_curve_csv(path, epoch, ce, gr, clip):
@@ -591,7 +646,8 @@ def report(root):
     n = sum(len(g) for g in groups.values())
     out = [f"# Results in {root}", "", f"{n} runs; mean ± sample std over seeds; best in bold.", ""]
     out += table3(groups) + tables2and4(groups) + table6(groups) + paired_table(groups)
-    out += settings_table(groups) + (bench_table(benches) if benches else [])
+    out += stable_table(groups) + settings_table(groups)
+    out += bench_table(benches) if benches else []
     out += figure3(root, groups) + figure2(root, groups)
     text = "\n".join(out) + "\n"
     with open(os.path.join(root, "report.md"), "w") as f:

@@ -267,3 +267,30 @@ def test_figure2_keys_the_classes_its_label_tiles_show(tmp_path):
     for c in (1, 2, 3, 255):
         assert np.all(key == pal[c], -1).sum() >= 13 * 13, c  # its swatch
     assert not np.all(key == pal[5], -1).any()
+
+
+def test_variants_beyond_the_paper_get_their_own_rows_and_figures(tmp_path):
+    steps = list(range(8))  # 2 epochs of 4 steps
+    for seed, (ft, paper, dual) in enumerate([(60.0, 20.0, 58.0), (62.0, 25.0, 61.0)]):
+        _fake_run(tmp_path, f"ce{seed}", "cls", "cifar10", "ce", seed, {"sr": ft, "knn": ft},
+                  [1.0, 0.5], series={"step": steps, "loss": [1.0] * 8})
+        for name, sr, dev, extra in (("p", paper, 1e16, {}), ("d", dual, 2.0, {"dual_clip": 3})):
+            series = {"step": steps, "loss": [-0.01] * 8, "clip_frac": [0.1] * 8,
+                      "ratio_dev_max": [0.5] * 7 + [dev]}
+            _fake_run(tmp_path, f"{name}{seed}", "cls", "cifar10", "grpo", seed,
+                      {"sr": sr, "knn": sr}, [0.0, 0.0], series=series)
+            if extra:  # the run's config records the flag, as grpo_rm.py writes it
+                path = tmp_path / f"{name}{seed}" / "result.json"
+                r = json.loads(path.read_text())
+                r["config"].update(extra)
+                path.write_text(json.dumps(r))
+    text = report.report(tmp_path)
+    # the paper's tables show the paper's form, not the variant
+    assert "| cifar10 | GRPO-RM | 22.50 ± 3.54 | 22.50 ± 3.54 |" in text
+    # paired by seed: dual-clip − fine-tuning = -2, -1 -> mean -1.5, std 0.7071, t(1) = 12.706:
+    # half width 6.353 -> [-7.85, +4.85]
+    assert ("| GRPO-RM + dual-clip 3 | 2 | 59.50 ± 2.12 | 59.50 ± 2.12 | -1.50 [-7.85, +4.85] "
+            "| -1.50 [-7.85, +4.85] | 2, 2 |") in text
+    assert "| GRPO-RM | 2 | 22.50 ± 3.54 | 22.50 ± 3.54 | -38.50" in text and "1e+16, 1e+16 |" in text
+    assert (tmp_path / "fig3_cifar10.png").exists()
+    assert (tmp_path / "fig3_cifar10_dual_clip_3.png").exists()
