@@ -43,7 +43,7 @@ from torchvision.transforms import v2
 
 # =============================================================================
 # The method: rewards (Eqs. 3-6), advantages (Eq. 2), the clipped objective (Eq. 1, β = 0), θ_old.
-# This block needs torch alone (import copy, torch, torch.nn.functional as F) and can be copied.
+# It needs torch alone (import copy, math, torch, torch.nn.functional as F) and can be copied.
 
 def uniformity_eq4(p_old, labels):
     return -p_old  # Eq. (4): r_uni_i = -p_i, the GRPO-RM default
@@ -71,7 +71,7 @@ def rewards(old_probs, labels, uniformity="eq4", background_penalty=False):
 def advantages(r, eps=1e-4):
     """Eq. (2): the z-score of the rewards over the group (the c classes of one sample).
     Open in the paper: which std. Here the unbiased one, plus eps, as TRL's GRPO."""
-    return (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + eps)  # (N, c)
+    return (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + eps)  # (N, c) Eq. (2)
 
 def grpo_rm_loss(logits, old_logits, labels, clip_eps=0.2, uniformity="eq4",
                  background_penalty=False, ignore_index=-100, dual_clip=None,
@@ -86,24 +86,26 @@ def grpo_rm_loss(logits, old_logits, labels, clip_eps=0.2, uniformity="eq4",
     logp = F.log_softmax(logits.to(dtype), -1)  # (N, c) log π_θ(o_i|q)
     logp_old = F.log_softmax(old_logits.detach().to(dtype), -1)  # (N, c) log π_θold(o_i|q)
     A = advantages(rewards(logp_old.exp(), y, uniformity, background_penalty))  # Alg. 1, l. 6-7
-    # ρ in log space: p_old may underflow to 0 (in bf16 above all), p / p_old would be 0/0.
+    # ρ in log space: p_old may underflow to 0 (in bf16 above all), p / p_old would be inf or NaN.
     log_ratio = logp - logp_old  # (N, c) log ρ_i, ρ_i = π_θ(o_i|q) / π_θold(o_i|q)
+    bounded = log_ratio
     if dual_clip:  # Dual-clip PPO (Ye et al. 2020): for A < 0, max(min(ρA, clip(ρ)A), C·A), i.e.
-        bound = log_ratio.clamp(max=math.log(dual_clip))  # ρ at most C, in log space so that ρ
-        log_ratio = torch.where(A < 0, bound, log_ratio)  # never overflows; no gradient beyond C
-    ratio = torch.exp(log_ratio)  # (N, c)
+        at_most_c = log_ratio.clamp(max=math.log(dual_clip))  # ρ at most C, in log space so that
+        bounded = torch.where(A < 0, at_most_c, log_ratio)  # ρ never overflows; no gradient past C
+    ratio = torch.exp(bounded)  # (N, c)
+    # Eq. (1): 1/G Σ_i min(ρ_i A_i, clip(ρ_i, 1 - ε, 1 + ε) A_i), G = c; then the mean over q
     J = torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A).mean(-1)  # (N,)
-    loss = -(J * keep).sum() / keep.sum().clamp(min=1)  # Eq. (1): 1/G Σ_i min(...), G = c
+    loss = -(J * keep).sum() / keep.sum().clamp(min=1)
     if not with_diagnostics:
         return loss
-    return loss, diagnostics(logp - logp_old, A, logp_old, keep, clip_eps, dual_clip)
+    return loss, diagnostics(log_ratio, A, logp_old, keep, clip_eps, dual_clip)
 
 @torch.no_grad()
 def diagnostics(log_ratio, A, logp_old, keep, clip_eps, dual_clip=None):
     """What to watch in a run, over the labelled samples: the fraction of (sample, class) terms
     the clip cuts off; KL(π_θold || π_θ) = Σ_i p_old,i [(ρ_i - 1) - log ρ_i] = -Σ_i p_old,i log ρ_i
-    (exact: the group is the whole class set); the mean and the max of |ρ - 1|; the fraction of
-    terms the dual clip bounds."""
+    (PPO's approx_kl, exact here: the group is the whole class set); the mean and the max of
+    |ρ - 1|; the fraction of terms the dual clip bounds."""
     n, c = keep.sum().clamp(min=1), log_ratio.shape[1]
     ratio, k = log_ratio.exp(), keep[:, None]  # (N, c), (N, 1)
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * A < ratio * A  # (N, c) min took clip
@@ -121,7 +123,7 @@ def make_old(model):
     return copy.deepcopy(model).requires_grad_(False).eval()
 
 def refresh_old(old, model):
-    """Algorithm 1, line 3: π_θold <- π_θ, once at the start of every epoch."""
+    """Algorithm 1, line 3: π_θold <- π_θ, at the start of every epoch (or every --old-every)."""
     old.load_state_dict(model.state_dict())
 
 
@@ -250,8 +252,9 @@ def cls_transform(img_size, augment):
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 def seg_transform(img_size, augment):
-    # Open in the paper: augmentation. One random resized crop (scale 0.5-1) and flip, applied to
-    # image and mask alike (torchvision resizes a Mask with nearest neighbour).
+    # Open in the paper: augmentation, and the evaluation's resolution. One random resized crop
+    # (scale 0.5-1) and flip for image and mask alike (torchvision resizes a Mask with nearest
+    # neighbour); evaluation resizes both to the input size and scores at that size.
     size = (img_size, img_size)
     geo = [v2.RandomResizedCrop(size, scale=(0.5, 1.0)), v2.RandomHorizontalFlip()]
     geo = geo if augment else [v2.Resize(size)]
@@ -262,7 +265,7 @@ def with_download(root, what, get, allowed=True):
     """get(download): a torchvision dataset, downloaded only when it is not on disk yet."""
     try:
         return get(False)
-    except RuntimeError:  # torchvision: "Dataset not found or corrupted"
+    except RuntimeError:  # torchvision: "Dataset not found or corrupted": downloaded below
         if not allowed:
             raise UserError(f"--data-dir {root}: no {what} there") from None
     except OSError as e:  # there, but incomplete: a split list is missing
@@ -342,7 +345,7 @@ TABLES = {  # stored mask value -> class
 
 class SegFiles(Dataset):
     """(image, mask) file pairs -> (image (3, S, S), labels (S, S)); palette or grey 8-bit masks
-    mapped to classes by a lookup table; one random crop and flip for image and mask alike."""
+    mapped to classes by a lookup table; image and mask transformed alike (one crop, one flip)."""
 
     def __init__(self, images, masks, table, num_classes, transform):
         missing = next((f for f in [*images, *masks] if not os.path.isfile(f)), None)
@@ -429,9 +432,9 @@ DATASETS = {  # name: Spec(task, build, classes, native px, training images, bac
 }
 
 def default_img_size(spec, patch):
-    """The paper's input sizes, read from its Table 5 (README): a classification image at its
-    native size rounded up to a multiple of the patch (CIFAR 42, STL-10 98, Tiny-ImageNet 70 for
-    patch 14); ImageNet and unknown folders 224; segmentation 448."""
+    """The paper's input sizes, read from its Table 5 (results/README.md): a classification image
+    at its native size rounded up to a multiple of the patch (CIFAR 42, STL-10 98, Tiny-ImageNet 70
+    for patch 14); ImageNet and unknown folders 224; segmentation 448."""
     if spec.native:
         return math.ceil(spec.native / patch) * patch
     return 448 if spec.task == "seg" else 224
@@ -507,10 +510,21 @@ def setup(args):
 
 def rank0_first(ctx, fn):
     """fn() on rank 0, then on the others, which find its files (a download, the hub cache).
-    They wait on a gloo barrier with a long timeout: NCCL's watchdog never sees the wait."""
-    out = fn() if ctx.rank == 0 else None
+    They wait with a long timeout (NCCL's watchdog never sees the wait) and learn of rank 0's bad
+    input from rank 0, instead of dying on its closed socket: one error line, not one a rank."""
+    out, error = None, None
+    if ctx.rank == 0:
+        try:
+            out = fn()
+        except Exception as e:  # a bad input (UserError) or a crash: the others must not wait
+            error = e
+    said = [None if error is None else str(error)]
     if ctx.world > 1:
-        dist.barrier(group=ctx.wait_group)
+        dist.broadcast_object_list(said, src=0, group=ctx.wait_group)
+    if error is not None:
+        raise error
+    if said[0] is not None:  # rank 0 reports it; here a quiet exit with the same code
+        raise UserError(said[0])
     return out if ctx.rank == 0 else fn()
 
 def lr_range(base, batch_size):
@@ -543,8 +557,8 @@ def make_loss(args, ctx):
 
 def train_step(model, old, opt, loss_fn, seg, ctx, x, y):
     """One optimisation step -> [loss, grad norm, *diagnostics], a device tensor: no host sync."""
-    def flat(z):  # (B, c, S, S) -> (B·S·S, c), pixel-major like the labels (a view: the head's
-        return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]) if seg else z  # logits are NHWC)
+    def flat(z):  # (B, c, S, S) -> (B·S·S, c), pixel-major like the labels; a view, as the
+        return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]) if seg else z  # head writes NHWC
 
     x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
     with ctx.amp():
@@ -556,6 +570,11 @@ def train_step(model, old, opt, loss_fn, seg, ctx, x, y):
         if seg:  # every labelled pixel of the S × S logit map is a sample
             y = resize_labels(y, logits.shape[-1]).reshape(-1)  # (B·S·S,)
         loss, diag = loss_fn(flat(logits), old_logits, y)
+    if seg and ctx.world > 1:  # the mean over every rank's labelled pixels: DDP averages the ranks'
+        n = (y != IGNORE).sum().float()  # gradients, so each rank's mean counts by its share
+        total = n.clone()
+        dist.all_reduce(total)
+        loss = loss * n * ctx.world / total.clamp(min=1)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     params = opt.param_groups[0]["params"]
@@ -726,8 +745,12 @@ def extract(net, loader, n, ctx, n_layers=1, label_size=None, spill=None, budget
     evaluation head: in RAM up to budget_gb, beyond it in files under the folder spill, memory-
     mapped (pages of the kernel's cache, which it reclaims: COCO-stuff at 448 px needs that)."""
     feats = labels = None
-    i = 0
-    for x, y in loader:
+    i, t0 = 0, time.time()
+    for b, (x, y) in enumerate(loader):
+        if ctx.rank == 0 and b % max(1, len(loader) // 5) == 0 and i:  # progress, 5 lines a split
+            left = (time.time() - t0) / i * (n - i)
+            print(f"  features: {i}/{n} images, ETA {datetime.timedelta(seconds=round(left))}",
+                  flush=True)
         with ctx.amp():
             f = net.features(x.to(ctx.device, non_blocking=True), n_layers).to(ctx.amp_dtype)
         y = y if label_size is None else resize_labels(y, label_size).to(torch.uint8)
@@ -1032,17 +1055,30 @@ def json_object(text):  # --hub-kwargs '{"pretrained": false}'
         raise argparse.ArgumentTypeError("not a JSON object")
     return value
 
+EXAMPLES = """examples:
+  python grpo_rm.py --dataset cifar10 --data-dir data/cifar10 --epochs 5 --subset 0.1
+  torchrun --nproc_per_node=4 grpo_rm.py --task seg --dataset voc --data-dir data/voc"""
+
+class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)" after a task-dependent default
+        return action.help if action.default is None else super()._get_help_string(action)
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # under torchrun rank 0 alone says what is wrong; all exit with 2
+        if int(os.environ.get("RANK", "0")) > 0:
+            sys.exit(2)
+        super().error(message)
+
 def make_parser():
-    p = argparse.ArgumentParser(description="GRPO-RM, fine-tuning or frozen DINOv2, evaluated "
-                                "on frozen features",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description="GRPO-RM, fine-tuning or frozen DINOv2, evaluated on frozen features",
+               formatter_class=Help, epilog=EXAMPLES)
     a, on_off = p.add_argument, argparse.BooleanOptionalAction
     pos_int, pos_float = number(int, 1), number(float, 0, low_open=True)
     a("--task", choices=["cls", "seg"], help="default: the dataset's")
-    a("--dataset", choices=sorted(DATASETS), required=True)
+    a("--dataset", choices=sorted(DATASETS), required=True, help="what to post-train on")
     a("--data-dir", default="data", help="dataset root (layouts in README.md)")
     a("--num-classes", type=number(int, 2), help="needed for vocfolder; default: the dataset's")
-    a("--method", choices=["grpo", "ce", "frozen"], default="grpo")
+    a("--method", choices=["grpo", "ce", "frozen"], default="grpo", help="ce: fine-tuning")
     a("--model", default="dinov2_vits14", help="hub entry point: dinov2_vit{s,b,l,g}14[_reg]")
     a("--hub-repo", default=HUB_REPO, help="GitHub owner/name[:ref], or a local clone")
     a("--hub-kwargs", type=json_object, default="{}", help='entry point\'s: {"pretrained": false}')
@@ -1051,16 +1087,16 @@ def make_parser():
     a("--clip-eps", type=number(float, 0, 1, low_open=True), default=0.2, help="ε of Eq. (1)")
     a("--background-penalty", action=on_off, help="seg: r_0 -= c/2 after Eq. (6); default: voc")
     a("--dual-clip", type=number(float, 1, low_open=True), metavar="C",
-      help="not in the paper: bound the terms of A < 0 below by C·A (dual-clip PPO; C = 3)")
+      help="not in the paper: bound the terms of A < 0 below by C·A (dual-clip PPO uses 3)")
     a("--old-every", type=pos_int, metavar="K",
       help="not in the paper: refresh θ_old every K steps (default: once an epoch, Algorithm 1)")
-    a("--epochs", type=pos_int, default=100)
+    a("--epochs", type=pos_int, default=100, help="post-training epochs")
     a("--batch-size", type=pos_int, help="global batch m; default 1024 (cls), 256 (seg)")
     a("--lr", type=pos_float, help="lr per 256 images, cosine to lr/100; default 1e-3, seg 1e-5")
     a("--subset", type=number(float, 0, 1, low_open=True), default=1.0,
       help="fraction of the training set post-trained on")
-    a("--augment", action=on_off, default=True, help="random crop and flip in training")
-    a("--seed", type=int, default=0)
+    a("--augment", action=on_off, default=True, help="random flip (and crop) in training")
+    a("--seed", type=int, default=0, help="heads, shuffling, augmentation, --subset")
     a("--img-size", type=pos_int, help="default: native size rounded up to the patch; 224 / 448")
     a("--seg-size", type=pos_int, default=128, help="seg: patch tokens are upsampled to this size")
     a("--hidden", type=pos_int, help="hidden width of the heads; default 256, 64 for voc")
@@ -1132,7 +1168,8 @@ def cli(argv=None):
     except UserError as e:
         # A UserError raised in a DataLoader worker arrives wrapped, its traceback as text.
         msg = str(e).strip().splitlines()[-1]
-        print(f"error: {msg.split('UserError: ', 1)[-1]}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one line, from rank 0
+            print(f"error: {msg.split('UserError: ', 1)[-1]}", file=sys.stderr)
         sys.exit(3 if isinstance(e, RunStopped) else 2)
 
 

@@ -150,7 +150,7 @@ def _palette_png(label, path):
 @pytest.fixture(scope="session")
 def vocfolder(tmp_path_factory):
     """VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation}: 8 train, 4 val;
-    labels {0, 1, 2} in blocks, the top row 255 (ignored)."""
+    labels {0, 1, 2} in blocks, the top row 255 (ignored); 1-3 top rows in train."""
     d, rng = tmp_path_factory.mktemp("voc"), np.random.default_rng(1)
     base = d / "VOCdevkit" / "VOC2012"
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
@@ -162,7 +162,7 @@ def vocfolder(tmp_path_factory):
             label = np.zeros((16, 16), np.uint8)
             label[:, 8:] = 1 + i % 2
             label[4:8, 2:6] = 2 - i % 2
-            label[0, :] = 255
+            label[:1 + (i % 3 if split == "train" else 0), :] = 255  # unequal labelled counts
             img = np.array(_image(rng, 0)).astype(np.float32)
             img[label == 1] = [40, 200, 40]
             img[label == 2] = [40, 40, 200]
@@ -1587,6 +1587,23 @@ def test_failing_rank_stops_all(hub, imagefolder, tmp_path):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode != 0 and time.time() - t0 < 90 and "1.png: cannot read image" in p.stderr
     assert not list(tmp_path.glob("*/result.json"))
+
+
+@pytest.mark.parametrize("bad,needle", [
+    (["--batch-size", "0"], "--batch-size"),  # a flag: every rank's argparse refuses it
+    (["--hub-repo", "no-such-owner-x/no-such-repo-x"], "offline"),  # rank 0 loads the hub first
+    (["--data-dir", "missing"], "--data-dir"),  # rank 0 builds the data first
+])
+def test_torchrun_bad_input_is_one_line_from_rank_0(hub, imagefolder, tmp_path, bad, needle):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+           str(_free_port()), os.path.join(HERE, "grpo_rm.py"),
+           *cls_args(hub, imagefolder, tmp_path), *bad]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_HOME": str(tmp_path / "th")}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    lines = [ln for ln in p.stderr.splitlines() if "error:" in ln]
+    assert p.returncode != 0 and len(lines) == 1 and needle in lines[0], p.stderr[-3000:]
+    assert "Connection closed" not in p.stderr and "exitcode  : 2" in p.stderr  # both ranks: 2
+    assert "exitcode  : 1" not in p.stderr
 
 
 def test_torchrun_cli(hub, vocfolder, tmp_path):
