@@ -91,7 +91,9 @@ def grpo_rm_loss(logits, old_logits, labels, clip_eps=0.2, uniformity="eq4",
     bounded = log_ratio
     if dual_clip:  # Dual-clip PPO (Ye et al. 2020): for A < 0, max(min(ρA, clip(ρ)A), C·A), i.e.
         at_most_c = log_ratio.clamp(max=math.log(dual_clip))  # ρ at most C, in log space so that
-        bounded = torch.where(A < 0, at_most_c, log_ratio)  # ρ never overflows; no gradient past C
+        # ρ never overflows (exp(89) does in float32); for A ≥ 0 the clip already stops ρ at 1 + ε
+        # (the same value, no gradient beyond), so bounding ρ there too changes nothing but that.
+        bounded = torch.where(A < 0, at_most_c, log_ratio.clamp(max=math.log1p(clip_eps)))
     ratio = torch.exp(bounded)  # (N, c)
     # Eq. (1): 1/G Σ_i min(ρ_i A_i, clip(ρ_i, 1 - ε, 1 + ε) A_i), G = c; then the mean over q
     J = torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A).mean(-1)  # (N,)

@@ -415,9 +415,11 @@ def test_dual_clip_gradient_finite_differences():
 def test_dual_clip_keeps_an_overflowing_ratio_finite(dtype):
     # A wrong class (A < 0) whose old log-probability is -200 and new one near 0: log ρ ≈ 200,
     # ρ = inf in float32. The paper's form is not finite; the dual clip bounds ρ in log space.
-    old = torch.tensor([[5.0, 0.0, -200.0], [0.0, 1.0, 2.0]]).to(dtype)
-    new = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 2.5]]).to(dtype).requires_grad_()
-    y = torch.tensor([0, 1])
+    # The third sample: the true class (A > 0) has the old log-probability -200, now near 0.
+    old = torch.tensor([[5.0, 0.0, -200.0], [0.0, 1.0, 2.0], [0.0, 5.0, -200.0]]).to(dtype)
+    new = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 2.5], [0.0, 0.0, 1.0]]).to(dtype)
+    new = new.requires_grad_()
+    y = torch.tensor([0, 1, 2])
     assert not torch.isfinite(G.grpo_rm_loss(new, old, y))
     loss = G.grpo_rm_loss(new, old, y, dual_clip=3)
     loss.backward()
