@@ -14,6 +14,7 @@ import argparse
 import copy
 import datetime
 import functools
+import hashlib
 import json
 import math
 import os
@@ -510,6 +511,9 @@ def setup(args):
     amp_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     return Ctx(rank, world, device, amp_dtype, wait_group)
 
+class Relayed(UserError):
+    """Rank 0's error, raised on the other ranks so that they stop too; rank 0 reports it."""
+
 def rank0_first(ctx, fn):
     """fn() on rank 0, then on the others, which find its files (a download, the hub cache).
     They wait with a long timeout (NCCL's watchdog never sees the wait) and learn of rank 0's bad
@@ -526,7 +530,7 @@ def rank0_first(ctx, fn):
     if error is not None:
         raise error
     if said[0] is not None:  # rank 0 reports it; here a quiet exit with the same code
-        raise UserError(said[0])
+        raise Relayed(said[0])
     return out if ctx.rank == 0 else fn()
 
 def lr_range(base, batch_size):
@@ -601,7 +605,7 @@ def write_json_atomic(path, obj):
     atomic_save(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 # Flags that may change on --resume: they do not change what training computes.
-RESUMABLE = {"out", "resume", "stop_after_epoch", "log_every", "workers", "save_vis",
+RESUMABLE = {"out", "resume", "force", "stop_after_epoch", "log_every", "workers", "save_vis",
              "eval_epochs", "eval_lr", "feature_type", "ms_scales", "eval_memory_gb"}
 
 def load_checkpoint(path, args, net, old, opt, sched):
@@ -960,12 +964,15 @@ def run(args, ctx):
         raise UserError(f"--img-size {args.img_size} is not a multiple of the patch size {patch}")
     name = args.name or run_name(args)
     run_dir = os.path.join(args.out, name)
-    try:
+    finished = earlier_run(args, run_dir)
+    if finished:
+        return finished, None
+    num_classes, train_set, train_eval, test = build_data(args, ctx)
+    net = build_net(backbone, args, num_classes, ctx.device)
+    try:  # only now: a run that fails before training leaves no folder behind
         os.makedirs(run_dir, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {args.out}: cannot make {run_dir} ({e.strerror})") from None
-    num_classes, train_set, train_eval, test = build_data(args, ctx)
-    net = build_net(backbone, args, num_classes, ctx.device)
     if ctx.rank == 0:
         print(f"{name}: {len(train_set)} train / {len(test)} test images, {num_classes} classes, "
               f"{args.img_size} px, {ctx.world} process(es) on {ctx.device.type}, "
@@ -987,15 +994,20 @@ def run(args, ctx):
     finally:
         for s, h in before.items():
             signal.signal(s, h)
-    cuda = ctx.device.type == "cuda"
-    result = {"config": vars(args), "metrics": metrics, **hist, "eval_seconds": seconds,
-              "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-              "device": torch.cuda.get_device_name() if cuda else "cpu",
-              "world_size": ctx.world, "torch": torch.__version__,
-              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if ctx.rank == 0:
-        finish(run_dir, net, result, args.method != "frozen")
-    return result, net
+    return finish(args, ctx, run_dir, net, {"metrics": metrics, **hist, "eval_seconds": seconds})
+
+def earlier_run(args, run_dir):
+    """A run folder is never silently overwritten: a finished run's result (it is not run again),
+    or a refusal to start over an unfinished one, unless --force."""
+    done = os.path.join(run_dir, "result.json")
+    if os.path.exists(done) and not args.force:
+        print(f"{run_dir}: finished already; --force runs it again", flush=True)
+        with open(done) as f:
+            return json.load(f)
+    if os.path.exists(os.path.join(run_dir, "ckpt.pt")) and not (args.resume or args.force):
+        raise UserError(f"{run_dir} holds an unfinished run: --resume continues it, --force "
+                        "starts afresh")
+    return None
 
 def evaluate(args, ctx, net, train_eval, test, num_classes, run_dir):
     """The frozen post-trained backbone under a fresh head. -> (metrics, seconds)."""
@@ -1014,16 +1026,25 @@ def evaluate(args, ctx, net, train_eval, test, num_classes, run_dir):
         shutil.rmtree(spill, ignore_errors=True)
     return metrics, time.time() - t0
 
-def finish(run_dir, net, result, trained):
-    """A finished run: the post-trained backbone (loadable with --weights), then result.json,
-    written last, so that a result on disk always means a finished run; the resume state goes."""
-    if trained:
+def finish(args, ctx, run_dir, net, result):
+    """A finished run (rank 0 writes it): the post-trained backbone (loadable with --weights),
+    then result.json, last, so that a result on disk means a finished run; the resume state goes.
+    -> (result, net)."""
+    cuda = ctx.device.type == "cuda"
+    result |= {"config": vars(args), "world_size": ctx.world, "torch": torch.__version__,
+               "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+               "device": torch.cuda.get_device_name() if cuda else "cpu",
+               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if ctx.rank != 0:
+        return result, net
+    if args.method != "frozen":
         atomic_save(os.path.join(run_dir, "backbone.pt"),
                     functools.partial(torch.save, net.backbone.state_dict()))
     write_json_atomic(os.path.join(run_dir, "result.json"), result)
     if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
         os.remove(os.path.join(run_dir, "ckpt.pt"))
     print(f"{os.path.basename(run_dir)}: {json.dumps(result['metrics'])}", flush=True)
+    return result, net
 
 
 # =============================================================================
@@ -1116,6 +1137,7 @@ def make_parser():
     a("--out", default="runs", help="each run writes OUT/NAME/result.json")
     a("--name", help="run name; default: derived from the flags")
     a("--resume", action="store_true", help="continue from OUT/NAME/ckpt.pt if there is one")
+    a("--force", action="store_true", help="run again over a finished or unfinished run")
     a("--stop-after-epoch", type=pos_int, metavar="K", help="checkpoint after epoch K and stop")
     a("--log-every", type=pos_int, default=10, help="progress line every N steps")
     return p
@@ -1145,12 +1167,16 @@ def get_args(argv=None):
     return args
 
 def run_name(args):
+    """Readable parts, then a hash of every flag that sets what is trained: two such runs never
+    share a folder (evaluation flags may change on --resume, so they are not in it)."""
+    cfg = {k: v for k, v in vars(args).items() if k not in RESUMABLE | {"name"}}
+    digest = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:6]
     parts = [args.task, args.dataset, args.method]
     parts += [args.uniformity] if args.method == "grpo" else []
     parts += [f"sub{args.subset:g}"] if args.subset < 1 else []
     parts += [f"dc{args.dual_clip:g}"] if args.dual_clip else []
     parts += [f"old{args.old_every}"] if args.old_every else []
-    return "-".join(parts + [f"s{args.seed}"])
+    return "-".join(parts + [f"s{args.seed}", digest])
 
 def main(argv=None):
     """Returns (result, trained Net) of a run."""
@@ -1170,7 +1196,7 @@ def cli(argv=None):
     except UserError as e:
         # A UserError raised in a DataLoader worker arrives wrapped, its traceback as text.
         msg = str(e).strip().splitlines()[-1]
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one line, from rank 0
+        if not isinstance(e, Relayed):  # under torchrun rank 0's error is one line, not one a rank
             print(f"error: {msg.split('UserError: ', 1)[-1]}", file=sys.stderr)
         sys.exit(3 if isinstance(e, RunStopped) else 2)
 

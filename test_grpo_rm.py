@@ -219,6 +219,12 @@ def eager_loss(monkeypatch):
     monkeypatch.setattr(G, "compiled", lambda fn, device: fn)
 
 
+def _run_dir(root, prefix):
+    """The one run folder under root whose name starts with prefix (then a hash of the flags)."""
+    [d] = root.glob(prefix + "-*")
+    return d
+
+
 def _trainable(net):
     return {k: p.detach().clone() for k, p in net.named_parameters() if p.requires_grad}
 
@@ -1009,7 +1015,7 @@ def test_smoke_grpo_cls_refreshes_old_each_epoch(hub, imagefolder, tmp_path, mon
         assert not torch.equal(start1[k], start2[k]) and not torch.equal(start2[k], final[k]), k
         assert torch.equal(old[k], start2[k])  # θ_old = the model at the start of the last epoch
     assert len(final) == sum(1 for _ in net.parameters()) - 1  # all but DINOv2's mask_token
-    run = tmp_path / "cls-imagefolder-grpo-eq4-s0"
+    run = _run_dir(tmp_path, "cls-imagefolder-grpo-eq4-s0")
     saved = json.load(open(run / "result.json"))
     assert saved["metrics"] == result["metrics"] and len(saved["train_loss"]) == 2
     assert saved["config"]["dtype"] == ("bf16" if device == "cuda" else "fp32")
@@ -1048,7 +1054,7 @@ def test_frozen_changes_nothing(hub, imagefolder, tmp_path):
     result, net = G.main(cls_args(hub, imagefolder, tmp_path, "--method", "frozen"))
     assert all(torch.equal(net.backbone.state_dict()[k], v) for k, v in ref.items())
     assert result["train_loss"] == []
-    assert not (tmp_path / "cls-imagefolder-frozen-s0" / "backbone.pt").exists()
+    assert not (_run_dir(tmp_path, "cls-imagefolder-frozen-s0") / "backbone.pt").exists()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1064,7 +1070,7 @@ def test_smoke_seg(hub, vocfolder, tmp_path, monkeypatch, method, device):
         # 4 val masks of 16x16 with one ignored row: 4 * 15 * 16 = 960 labelled pixels, each once
         # (also for multi-scale, which averages scales and flips into one prediction).
         assert m["labelled_pixels"] == 960 and 0 <= m["miou"] <= m["pixel_acc"] <= 100
-    run = tmp_path / f"seg-voc-{method}{'-eq4' if method == 'grpo' else ''}-s0"
+    run = _run_dir(tmp_path, f"seg-voc-{method}{'-eq4' if method == 'grpo' else ''}-s0")
     pngs = sorted(os.listdir(run / "vis"))
     assert pngs == ["000.png", "001.png"] and Image.open(run / "vis" / pngs[0]).size == (48, 16)
     # K = 2 of the 4 val images, spread out: va0 (label 1 on the right) and va3 (label 2)
@@ -1126,7 +1132,7 @@ def test_sigterm_stops_and_resume_continues_exactly(hub, imagefolder, tmp_path, 
     with pytest.raises(G.RunStopped, match="stopped by SIGTERM: rerun with --resume"):
         G.main([*argv, "--out", str(tmp_path / "b")])  # in step 5 = epoch 2, step 2 of 3
     monkeypatch.setattr(G, "train_step", step)
-    run = tmp_path / "b" / "cls-imagefolder-grpo-eq4-s0"
+    run = _run_dir(tmp_path / "b", "cls-imagefolder-grpo-eq4-s0")
     assert torch.load(run / "ckpt.pt", weights_only=False)["epoch"] == 1  # the last one finished
     resumed, net_res = G.main([*argv, "--out", str(tmp_path / "b"), "--resume"])
     assert _max_diff(_trainable(net_full), _trainable(net_res)) < 1e-6  # θ_old = θ at epoch 2
@@ -1151,11 +1157,11 @@ def test_exact_resume_at_an_epoch_boundary(hub, imagefolder, tmp_path, extra):
     full, net_full = G.main(cls_args(hub, imagefolder, tmp_path / "a", "--epochs", "3", *extra))
     res, _ = G.main(cls_args(hub, imagefolder, tmp_path / "b", "--epochs", "3",
                              "--stop-after-epoch", "1", *extra))
-    run = tmp_path / "b" / G.run_name(G.get_args(cls_args(hub, imagefolder, tmp_path, *extra)))
+    run = _run_dir(tmp_path / "b", "cls-imagefolder-grpo-eq4-" + ("old2-" if extra else "") + "s0")
     assert res is None and (run / "ckpt.pt").exists() and not (run / "result.json").exists()
     with pytest.raises(G.UserError, match="--resume: .*other settings.*--lr"):
         G.main(cls_args(hub, imagefolder, tmp_path / "b", "--epochs", "3", "--resume", "--lr",
-                        "0.5", *extra))
+                        "0.5", "--name", run.name, *extra))  # by name: another lr, another hash
     resumed, net_res = G.main(cls_args(hub, imagefolder, tmp_path / "b", "--epochs", "3",
                                        "--resume", *extra))
     assert _max_diff(net_full.state_dict(), net_res.state_dict()) < 1e-6
@@ -1173,10 +1179,47 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(hub, imagefolder, tmp_path, m
     message = r"non-finite .* epoch 2, step 5; last good checkpoint: .*ckpt.pt"
     with pytest.raises(G.RunStopped, match=message):
         G.main(cls_args(hub, imagefolder, tmp_path, "--epochs", "3", "--log-every", "100"))
-    ckpt = torch.load(tmp_path / "cls-imagefolder-grpo-eq4-s0" / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(_run_dir(tmp_path, "cls-imagefolder-grpo-eq4-s0") / "ckpt.pt",
+                      weights_only=False)
     assert ckpt["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
-    assert not (tmp_path / "cls-imagefolder-grpo-eq4-s0" / "result.json").exists()
+    assert not (_run_dir(tmp_path, "cls-imagefolder-grpo-eq4-s0") / "result.json").exists()
+
+
+def test_finished_run_is_skipped_unless_forced(hub, imagefolder, tmp_path, monkeypatch, capsys):
+    argv = cls_args(hub, imagefolder, tmp_path, "--epochs", "1", "--eval-epochs", "1")
+    first, _ = G.main(argv)
+    with monkeypatch.context() as m:
+        m.setattr(G, "train", lambda *a: pytest.fail("a finished run was trained again"))
+        again, net = G.main(argv)
+    assert net is None and again["metrics"] == first["metrics"]
+    assert "finished already" in capsys.readouterr().out
+    forced, net = G.main([*argv, "--force"])
+    assert net is not None and len(list(tmp_path.glob("cls-*"))) == 1
+
+
+def test_unfinished_run_needs_resume_or_force(hub, imagefolder, tmp_path):
+    argv = cls_args(hub, imagefolder, tmp_path, "--epochs", "2", "--eval-epochs", "1")
+    G.main([*argv, "--stop-after-epoch", "1"])
+    with pytest.raises(G.UserError, match="--resume continues it, --force starts afresh"):
+        G.main(argv)
+    fresh, _ = G.main([*argv, "--force"])
+    assert len(fresh["train_loss"]) == 2
+
+
+def test_run_name_follows_every_flag_that_sets_training(hub, imagefolder, tmp_path):
+    def name(*flags):
+        return G.run_name(G.get_args(cls_args(hub, imagefolder, tmp_path, *flags)))
+    names = [name(), name("--data-dir", "other"), name("--img-size", "32"), name("--epochs", "3"),
+             name("--dual-clip", "3")]
+    assert len(set(names)) == 5 and names[0].startswith("cls-imagefolder-grpo-eq4-s0-")
+    assert name("--eval-lr", "0.5", "--workers", "1") == names[0]  # may change on --resume
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder(hub, tmp_path):
+    with pytest.raises(G.UserError, match="--data-dir"):
+        G.main(cls_args(hub, str(tmp_path / "missing"), tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_atomic_write_keeps_previous_file(tmp_path, monkeypatch):
@@ -1197,7 +1240,7 @@ def test_sigterm_in_training_exits_3_and_resumes(hub, imagefolder, tmp_path):
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 3 and "stopped by SIGTERM" in err and "--resume" in err, err
-    run = tmp_path / "cls-imagefolder-grpo-eq4-s0"
+    run = _run_dir(tmp_path, "cls-imagefolder-grpo-eq4-s0")
     done = torch.load(run / "ckpt.pt", weights_only=False)["epoch"]
     assert not (run / "result.json").exists() and done >= 2
     p = subprocess.run([sys.executable, os.path.join(HERE, "grpo_rm.py"), *argv, "--resume",
@@ -1455,7 +1498,7 @@ def test_sigterm_in_evaluation_is_not_swallowed(hub, imagefolder, tmp_path):
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 3 and "stopped by SIGTERM" in err and "--resume" in err, err
-    run = tmp_path / "cls-imagefolder-grpo-eq4-s0"
+    run = _run_dir(tmp_path, "cls-imagefolder-grpo-eq4-s0")
     assert (run / "ckpt.pt").exists() and not (run / "result.json").exists()
     assert not list(run.glob("cache-*"))
     rc, err, _ = _cli(*argv, "--resume")  # the trained model is evaluated, not trained again
@@ -1615,7 +1658,7 @@ def test_torchrun_cli(hub, vocfolder, tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-2000:]
-    res = json.load(open(tmp_path / "seg-voc-grpo-eq4-s0" / "result.json"))
+    res = json.load(open(_run_dir(tmp_path, "seg-voc-grpo-eq4-s0") / "result.json"))
     assert res["world_size"] == 2 and res["metrics"]["linear"]["labelled_pixels"] == 960
 
 
