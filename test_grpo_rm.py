@@ -1675,3 +1675,18 @@ def test_defaults_follow_the_paper():
         "seg", 256, 1e-5, 64, True)
     assert G.get_args(["--dataset", "ade20k"]).background_penalty is False
     assert G.HUB_REPO.startswith("facebookresearch/dinov2:") and len(G.HUB_REPO.split(":")[1]) == 40
+
+
+@pytest.mark.parametrize("flag,bad", [
+    ("--batch-size", "0"), ("--hidden", "0"), ("--epochs", "0"), ("--eval-epochs", "0"),
+    ("--img-size", "0"), ("--seg-size", "-1"), ("--lr", "-1"), ("--lr", "0"), ("--eval-lr", "0"),
+    ("--clip-eps", "-0.1"), ("--clip-eps", "1.5"), ("--subset", "0"), ("--subset", "1.5"),
+    ("--workers", "-1"), ("--log-every", "0"), ("--dual-clip", "1"), ("--old-every", "0"),
+    ("--num-classes", "1"), ("--ms-scales", "1.0,0"), ("--feature-type", "deep"),
+    ("--hub-kwargs", "[1]"), ("--batch-size", "x")])
+def test_every_numeric_flag_is_range_checked(flag, bad, capsys):
+    with pytest.raises(SystemExit) as stop:
+        G.get_args(["--dataset", "cifar10", "--device", "cpu", flag, bad])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2
+    assert f"argument {flag}: " in err[-1] and "Traceback" not in "".join(err), err
