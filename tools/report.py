@@ -495,7 +495,7 @@ def figure3_one(root, groups, d, kc, kg):
     if ce is None:  # the blow-up's own measure, on a log scale (it spans 16 orders of magnitude)
         dev = np.log10(np.maximum(mean_series(groups[kg], "ratio_dev_max").max(0), 1e-12))
         x = (np.arange(len(dev)) + 1) / per_epoch
-        panels[0] = ("GRPO-RM: log10 of the largest |ρ - 1| per step (max over seeds)", "log10",
+        panels[0] = ("GRPO-RM: log10 of the largest |rho - 1| per step (max over seeds)", "log10",
                      [(x, dev, RED)], panels[1][3], None)
     runs = f"{len(gr)} seed{'s' * (len(gr) != 1)}"
     seeds = f"mean of {runs}" if ce is None or len(ce) == len(gr) else (
@@ -507,8 +507,8 @@ def figure3_one(root, groups, d, kc, kg):
     put_text(ImageDraw.Draw(img), (850, 14), title, font(17), "mt")
     for i, (name, ylabel, lines, grid, cut) in enumerate(panels):
         chart(img, panel_box(i), name, "epoch", ylabel, lines, grid, cut)
-    slug = "".join(ch if ch.isalnum() else "_" for ch in kg.uniformity.split(" + ", 1)[1]) if (
-        " + " in kg.uniformity) else ""
+    extra = kg.uniformity.split(" + ", 1)[1] if " + " in kg.uniformity else ""
+    slug = "".join(ch if ch.isascii() and ch.isalnum() else "_" for ch in extra)  # a file name
     name = d.replace(":", "_") + (f"_{slug}" if slug else "")
     texts = [p[0] for p in panels] + [p[4][1] for p in panels if p[4]]
     save_png(img, os.path.join(root, f"fig3_{name}.png"), title, texts)
