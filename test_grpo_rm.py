@@ -1690,3 +1690,9 @@ def test_every_numeric_flag_is_range_checked(flag, bad, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2
     assert f"argument {flag}: " in err[-1] and "Traceback" not in "".join(err), err
+
+
+def test_help_shows_real_defaults_and_examples():
+    text = G.make_parser().format_help()
+    assert "(default: None)" not in text and "default 1024 (cls), 256 (seg)" in text
+    assert "(default: 100)" in text and "examples:\n  python grpo_rm.py --dataset" in text
