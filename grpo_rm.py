@@ -6,9 +6,8 @@ a fresh head: softmax regression (SR) and kNN, or pixel accuracy / IoU / mIoU.
 
     torchrun --nproc_per_node=4 grpo_rm.py --task seg --dataset voc --data-dir data/voc
 
-Top to bottom: the method (needs torch alone), the model, data, training, evaluation, main and
-config. "Eq. (n)" cites the paper; "Open in the paper:" marks a point it leaves open and says what
-is done here. Benchmarks and the report (tables, figures) are in tools/.
+Top to bottom: the method, the model, data, training, evaluation, main and config. "Eq. (n)"
+cites the paper; "Open in the paper:" marks a point it leaves open and says what is done here.
 """
 import argparse
 import copy
@@ -23,7 +22,6 @@ import signal
 import socket
 import sys
 import time
-import types
 from dataclasses import dataclass
 from typing import Callable
 
@@ -144,18 +142,15 @@ def load_backbone(hub_repo, name, weights=None, hub_kwargs=None):
     """torch.hub.load of DINOv2 from GitHub (owner/name[:ref]) or a local clone; --weights
     replaces the hub's download of the weights by a local file, loaded strictly."""
     local = os.path.isdir(hub_repo)
-    if local and not os.path.isfile(os.path.join(hub_repo, "hubconf.py")):
-        raise UserError(f"--hub-repo {hub_repo}: no hubconf.py in that directory")
     kwargs = {**(hub_kwargs or {}), **({"pretrained": False} if weights else {})}
-    # torch.hub accepts a commit only if it heads a branch or tag unless validation is skipped;
-    # the pin names the official repository, so there is no fork to guard against.
+    # torch.hub takes a commit only if it heads a branch or tag, unless validation is skipped
     pinned = len(hub_repo.rsplit(":", 1)[-1]) == 40
     default_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(HUB_TIMEOUT_S)  # urllib's reads would otherwise wait without end
     try:
         model = torch.hub.load(hub_repo, name, source="local" if local else "github",
                                trust_repo=True, skip_validation=pinned, **kwargs)
-    except Exception as e:  # no such entry point, no network, ...
+    except Exception as e:  # no hubconf.py, no such entry point, no network, ...
         raise UserError(f"--hub-repo {hub_repo} --model {name}: loading failed "
                         f"({type(e).__name__}: {e}); offline: git clone https://github.com/"
                         "facebookresearch/dinov2, then --hub-repo DIR --weights FILE") from None
@@ -167,12 +162,6 @@ def load_backbone(hub_repo, name, weights=None, hub_kwargs=None):
         except Exception as e:
             raise UserError(f"--weights {weights}: cannot load into --model {name} "
                             f"({' '.join(str(e).split())[:300]})") from None
-    # A local hubconf.py runs as a module that is not registered; torch.compile looks the module
-    # of the classes it defines up by name, so register it.
-    for cls in {type(m) for m in model.modules()}:
-        if cls.__module__ not in sys.modules and hasattr(cls.forward, "__globals__"):
-            sys.modules[cls.__module__] = types.ModuleType(cls.__module__)
-            sys.modules[cls.__module__].__dict__.update(cls.forward.__globals__)
     return model
 
 def mlp_head(in_dim, hidden, num_classes):  # Open in the paper: the activation (ReLU here)
@@ -239,10 +228,11 @@ URLS = {  # the official archives, fetched into --data-dir when the dataset is n
                    "stuffthingmaps_trainval2017.zip", "stuffthingmaps")],
 }
 
-def load_rgb(path):
+def read_image(path, mode="RGB"):
+    """An image file, converted to mode (a mask keeps its own: mode None)."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return im.convert(mode) if mode else im.copy()
     except (OSError, ValueError) as e:  # missing, truncated or not an image
         raise UserError(f"{path}: cannot read image ({e})") from None
 
@@ -305,7 +295,7 @@ def image_folder(root, split, transform):
         if os.path.isdir(os.path.join(root, sub)):
             try:
                 return torchvision.datasets.ImageFolder(os.path.join(root, sub), transform,
-                                                        loader=load_rgb)
+                                                        loader=read_image)
             except (FileNotFoundError, RuntimeError) as e:
                 raise UserError(f"--data-dir {root}: {e}") from None
     raise UserError(f"--data-dir {root}: no {'train/' if split == 'train' else 'test/ or val/'}")
@@ -351,9 +341,6 @@ class SegFiles(Dataset):
     mapped to classes by a lookup table; image and mask transformed alike (one crop, one flip)."""
 
     def __init__(self, images, masks, table, num_classes, transform):
-        missing = next((f for f in [*images, *masks] if not os.path.isfile(f)), None)
-        if missing:
-            raise UserError(f"{missing}: file missing")
         self.images, self.masks, self.table = images, masks, table
         self.num_classes, self.transform = num_classes, transform
 
@@ -361,12 +348,8 @@ class SegFiles(Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        img = tv_tensors.Image(v2.functional.pil_to_tensor(load_rgb(self.images[i])))
-        try:
-            with Image.open(self.masks[i]) as m:
-                raw = np.array(m)
-        except OSError as e:
-            raise UserError(f"{self.masks[i]}: cannot read mask ({e})") from None
+        img = tv_tensors.Image(v2.functional.pil_to_tensor(read_image(self.images[i])))
+        raw = np.array(read_image(self.masks[i], None))  # (H, W) uint8: the stored values
         if raw.ndim != 2 or raw.dtype != np.uint8:
             raise UserError(f"{self.masks[i]}: mask must be a single-channel 8-bit PNG")
         label = self.table[raw]  # (H, W) int16
@@ -415,29 +398,27 @@ class Spec:
     build: Callable      # (root, split, transform[, num_classes]) -> dataset
     classes: int = 0     # the paper's class count (0: read from the data, or --num-classes)
     native: int = 0      # image side in pixels (0: unknown, then 224 for cls and 448 for seg)
-    images: int = 0      # the paper's training-set size (its Table 1), for Table 5's s/epoch
     background: bool = False  # class 0 is background: the segmentation penalty is on
 
 TV = torchvision.datasets
 CIFAR = dict(train={"train": True}, test={"train": False})
 STL = dict(train={"split": "train"}, test={"split": "test"})
-DATASETS = {  # name: Spec(task, build, classes, native px, training images, background)
-    "cifar10": Spec("cls", torchvision_set(TV.CIFAR10, **CIFAR), 10, 32, 50_000),
-    "cifar100": Spec("cls", torchvision_set(TV.CIFAR100, **CIFAR), 100, 32, 50_000),
-    "stl10": Spec("cls", torchvision_set(TV.STL10, **STL), 10, 96, 5_000),
-    "tinyimagenet": Spec("cls", tiny_imagenet, 200, 64, 100_000),
-    "imagenet": Spec("cls", image_folder, 1000, 0, 1_281_167),  # manual: its licence
+DATASETS = {
+    "cifar10": Spec("cls", torchvision_set(TV.CIFAR10, **CIFAR), 10, 32),
+    "cifar100": Spec("cls", torchvision_set(TV.CIFAR100, **CIFAR), 100, 32),
+    "stl10": Spec("cls", torchvision_set(TV.STL10, **STL), 10, 96),
+    "tinyimagenet": Spec("cls", tiny_imagenet, 200, 64),
+    "imagenet": Spec("cls", image_folder, 1000),  # not downloaded: its licence
     "imagefolder": Spec("cls", image_folder),  # any image folder; classes from its folders
-    "voc": Spec("seg", voc(download=True), 21, 0, 1_464, True),
-    "ade20k": Spec("seg", ade20k, 150, 0, 20_210),
-    "cocostuff": Spec("seg", cocostuff, 171, 0, 118_287),
+    "voc": Spec("seg", voc(download=True), 21, background=True),
+    "ade20k": Spec("seg", ade20k, 150),
+    "cocostuff": Spec("seg", cocostuff, 171),
     "vocfolder": Spec("seg", voc(download=False)),  # any VOC layout, with --num-classes
 }
 
 def default_img_size(spec, patch):
-    """The paper's input sizes, read from its Table 5 (results/README.md): a classification image
-    at its native size rounded up to a multiple of the patch (CIFAR 42, STL-10 98, Tiny-ImageNet 70
-    for patch 14); ImageNet and unknown folders 224; segmentation 448."""
+    """The paper's input sizes (its Table 5): a classification image at its native size rounded
+    up to the patch (CIFAR 42, STL-10 98, Tiny-ImageNet 70 for patch 14), else 224; seg 448."""
     if spec.native:
         return math.ceil(spec.native / patch) * patch
     return 448 if spec.task == "seg" else 224
@@ -456,6 +437,7 @@ def build_data(args, ctx):
     train_eval, test = make("train", False), make("test", False)
     if args.task == "cls":
         num_classes = check_labels(args, train, test)
+    rank0_first(ctx, lambda: check_test_split(args, test, num_classes) if ctx.rank == 0 else 0)
     if args.subset < 1.0:  # the paper's "10%" rows: a fixed random subset, for post-training only
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
         train = Subset(train, keep[:max(1, round(args.subset * len(train)))].tolist())
@@ -469,6 +451,17 @@ def check_labels(args, train, test):
         raise UserError(f"--num-classes {args.num_classes}: --data-dir {args.data_dir} has "
                         f"{len(train.classes)} classes")
     return len(train.classes)
+
+def check_test_split(args, test, num_classes):
+    """Every test image (and mask) read before training, where it is cheap: a bad file found only
+    in the evaluation would cost the run. Masks hold the dataset's classes, unless --num-classes."""
+    top = -1
+    for _, y in DataLoader(test, args.batch_size, num_workers=args.workers):
+        if args.task == "seg":  # the highest class of the masks
+            top = max(top, int(y.masked_fill(y == IGNORE, -1).max()))
+    if args.task == "seg" and not args.num_classes and top + 1 != num_classes:
+        raise UserError(f"--data-dir {args.data_dir}: its test masks hold classes 0-{top}, not the "
+                        f"{num_classes} of --dataset {args.dataset} (else: --num-classes)")
 
 
 # =============================================================================
@@ -544,8 +537,7 @@ def compiled(fn, device):
     fast = torch.compile(fn, dynamic=True)
     z = torch.zeros(2, 3, device=device, requires_grad=True)
     try:
-        out = fast(z, z.detach(), torch.zeros(2, dtype=torch.long, device=device))
-        (out[0] if isinstance(out, tuple) else out).backward()
+        fast(z, z.detach(), torch.zeros(2, dtype=torch.long, device=device))[0].backward()
         return fast
     except Exception as e:  # no C++ compiler or Triton, an unsupported platform
         print(f"torch.compile does not work here ({type(e).__name__}): the loss runs eagerly")
@@ -600,9 +592,6 @@ def atomic_save(path, write):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-def write_json_atomic(path, obj):
-    atomic_save(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 # Flags that may change on --resume: they do not change what training computes.
 RESUMABLE = {"out", "resume", "force", "stop_after_epoch", "log_every", "workers", "save_vis",
@@ -713,47 +702,32 @@ def train(args, ctx, net, train_set, run_dir):
                      "old": old.state_dict() if old is not None else None}
             atomic_save(ckpt, functools.partial(torch.save, state))
         if args.stop_after_epoch == epoch + 1:
+            if ctx.rank == 0:
+                print(f"stopped after epoch {epoch + 1}; rerun with --resume to go on")
             return None
     return hist
 
 
 # =============================================================================
-# Evaluation on frozen features: softmax regression (SR), kNN, pixel accuracy / IoU / mIoU
+# Evaluation on frozen features: softmax regression (SR), kNN, pixel accuracy / IoU / mIoU.
+# Rank 0 evaluates alone (the other ranks have left): one pass of the frozen backbone over each
+# split, then a fresh head trained on the cached features, so any world size gives one result.
 
-def all_gather_cat(t, n_total, ctx):
-    """Every rank's shard of n_total samples (rank r holds r, r + world, ...), in rank order."""
-    if ctx.world == 1:
-        return t
-    sizes = [len(range(r, n_total, ctx.world)) for r in range(ctx.world)]
-    pad = t.new_zeros((sizes[0], *t.shape[1:]), device=ctx.device)  # rank 0's is the largest
-    pad[:len(t)] = t.to(ctx.device)
-    out = [torch.empty_like(pad) for _ in range(ctx.world)]
-    dist.all_gather(out, pad)
-    return torch.cat([o[:k] for o, k in zip(out, sizes)]).to(t.device)
-
-def all_reduce_sum(t, ctx):
-    if ctx.world > 1:
-        t = t.to(ctx.device)
-        dist.all_reduce(t)
-    return t.cpu()
-
-def shard(ds, args, ctx):
-    """This rank's share of an evaluation split, samples rank, rank + world, ... (no padding: every
-    image counts once) -> (loader, shard size)."""
-    part = Subset(ds, range(ctx.rank, len(ds), ctx.world))
-    return DataLoader(part, args.batch_size // ctx.world, num_workers=args.workers,
-                      pin_memory=ctx.device.type == "cuda"), len(part)
+def loader(ds, batch_size, args, ctx):
+    cuda = ctx.device.type == "cuda"
+    return DataLoader(ds, batch_size, num_workers=args.workers, pin_memory=cuda)
 
 @torch.no_grad()
-def extract(net, loader, n, ctx, n_layers=1, label_size=None, spill=None, budget_gb=math.inf):
-    """One pass of the frozen backbone over this rank's shard of a split (n images). Features (in
-    the autocast dtype) and labels are cached on the host and reused by every epoch of the
-    evaluation head: in RAM up to budget_gb, beyond it in files under the folder spill, memory-
-    mapped (pages of the kernel's cache, which it reclaims: COCO-stuff at 448 px needs that)."""
+def extract(net, ds, args, ctx, n_layers=1, label_size=None, spill=None):
+    """One pass of the frozen backbone over a split. Features (in the autocast dtype) and labels
+    are cached on the host and reused by every epoch of the evaluation head: in RAM up to
+    --eval-memory-gb, beyond it in files under the folder spill, memory-mapped (pages of the
+    kernel's cache, which it reclaims: COCO-stuff at 448 px needs that)."""
     feats = labels = None
-    i, t0 = 0, time.time()
-    for b, (x, y) in enumerate(loader):
-        if ctx.rank == 0 and b % max(1, len(loader) // 5) == 0 and i:  # progress, 5 lines a split
+    i, n, t0 = 0, len(ds), time.time()
+    batches = loader(ds, args.batch_size, args, ctx)
+    for b, (x, y) in enumerate(batches):
+        if b % max(1, len(batches) // 5) == 0 and i:  # progress, 5 lines a split
             left = (time.time() - t0) / i * (n - i)
             print(f"  features: {i}/{n} images, ETA {datetime.timedelta(seconds=round(left))}",
                   flush=True)
@@ -762,55 +736,44 @@ def extract(net, loader, n, ctx, n_layers=1, label_size=None, spill=None, budget
         y = y if label_size is None else resize_labels(y, label_size).to(torch.uint8)
         if feats is None:  # the shapes are known now
             per_image = f[0].numel() * f.element_size() + y[0].numel() * y.element_size()
-            on_disk = spill is not None and n * per_image > budget_gb * 2**30
+            on_disk = spill is not None and n * per_image > args.eval_memory_gb * 2**30
             if on_disk:
                 os.makedirs(spill, exist_ok=True)
-            path = (lambda name: os.path.join(spill, name)) if on_disk else (lambda name: None)
-            feats = host_tensor((n, *f.shape[1:]), f.dtype, path("feats.bin"))
-            labels = host_tensor((n, *y.shape[1:]), y.dtype, path("labels.bin"))
+            feats = host_tensor((n, *f.shape[1:]), f.dtype, on_disk and f"{spill}/feats.bin")
+            labels = host_tensor((n, *y.shape[1:]), y.dtype, on_disk and f"{spill}/labels.bin")
         feats[i:i + len(f)], labels[i:i + len(f)] = f.cpu(), y
         i += len(f)
     return feats, labels
 
 def host_tensor(shape, dtype, path):
     """A tensor in RAM, or (path given) backed by a new file and memory-mapped."""
-    if path is None:
+    if not path:
         return torch.empty(shape, dtype=dtype)
     if os.path.exists(path):  # left by a killed run
         os.remove(path)
     return torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
 
-def fit_head(head, feats, labels, n_total, args, ctx, cols=slice(None), ignore_index=-100):
+def fit_head(head, feats, labels, args, ctx, cols=slice(None), ignore_index=-100):
     """Train a fresh head on cached frozen features: Adam, --eval-epochs epochs, the training lr
-    rule (Section 4.2). The batches are the ones a single process would draw (one permutation of
-    all n_total samples per epoch): rank r holds samples r, r + world, ..., so it takes the members
-    of each batch with index = r (mod world). Losses are summed and divided by the batch's global
-    count of labelled samples, gradients summed over ranks: any world size gives the same head."""
-    params = list(head.parameters())
+    rule (Section 4.2), cross-entropy over the labelled samples of each batch."""
     lr_max, lr_min = lr_range(args.eval_lr, args.batch_size)
-    opt = torch.optim.Adam(params, lr=lr_max, weight_decay=0.0)
-    per_epoch = math.ceil(n_total / args.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.eval_epochs * per_epoch, lr_min)
+    opt = torch.optim.Adam(head.parameters(), lr=lr_max, weight_decay=0.0)
+    steps = args.eval_epochs * math.ceil(len(feats) / args.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, lr_min)
     gen, t0 = torch.Generator().manual_seed(args.seed), time.time()
     for epoch in range(args.eval_epochs):
-        for idx in torch.randperm(n_total, generator=gen).split(args.batch_size):
-            idx = idx.sort().values
-            mine = idx[idx % ctx.world == ctx.rank] // ctx.world  # positions in this rank's shard
-            x = feats[mine][:, cols].to(ctx.device).float()  # (b, D) or (b, D, h, w)
-            y = labels[mine].to(ctx.device).long()
+        for idx in torch.randperm(len(feats), generator=gen).split(args.batch_size):
+            idx = idx.sort().values  # a memory-mapped cache is read front to back
+            x = feats[idx][:, cols].to(ctx.device).float()  # (b, D) or (b, D, h, w)
+            y = labels[idx].to(ctx.device).long()
             with ctx.amp():
                 logits = head(x)  # (b, c) or (b, c, S, S)
             loss = F.cross_entropy(logits.float(), y, ignore_index=ignore_index, reduction="sum")
-            count = (y != ignore_index).sum().float()
-            if ctx.world > 1:
-                dist.all_reduce(count)
             opt.zero_grad(set_to_none=True)
-            (loss / count.clamp(min=1)).backward()
-            for p in params if ctx.world > 1 else []:
-                dist.all_reduce(p.grad)
+            (loss / (y != ignore_index).sum().clamp(min=1)).backward()  # no NaN if none labelled
             opt.step()
             sched.step()
-        if ctx.rank == 0 and (epoch + 1) % max(1, args.eval_epochs // 5) == 0:
+        if (epoch + 1) % max(1, args.eval_epochs // 5) == 0:
             print(f"  evaluation head: epoch {epoch + 1}/{args.eval_epochs}, "
                   f"{time.time() - t0:.0f} s", flush=True)
     return head.eval()
@@ -820,15 +783,14 @@ def knn_predict(train_feats, train_labels, test_feats, k=5, chunk=1024):
     tie goes to the tied class whose member is nearest. Open in the paper: all but k = 5."""
     train = F.normalize(train_feats.float(), dim=1)  # (N, D)
     k, c = min(k, len(train)), int(train_labels.max()) + 1
-    score = (k - torch.arange(k, device=train.device)).float()  # the nearest neighbour scores k
+    # A vote is 1 + 2^-(j+1) for the j-th nearest: the extras sum to less than 1, and the nearest
+    # member's outweighs all farther ones', so they break ties and nothing else.
+    weight = 1 + 0.5 ** torch.arange(1, k + 1, device=train.device)  # (k,)
     preds = []
     for q in F.normalize(test_feats.float(), dim=1).split(chunk):  # (q, D)
         nn_lab = train_labels[(q @ train.T).topk(k, dim=1).indices]  # (q, k), nearest first
-        votes = torch.zeros(len(q), c, device=q.device).scatter_add_(
-            1, nn_lab, torch.ones_like(score).expand(len(q), k))
-        nearest = torch.zeros(len(q), c, device=q.device).scatter_reduce_(
-            1, nn_lab, score.expand(len(q), k), "amax")
-        preds.append((votes * (k + 1) + nearest).argmax(1))  # votes first, then nearness
+        votes = torch.zeros(len(q), c, device=q.device)
+        preds.append(votes.scatter_add_(1, nn_lab, weight.expand(len(q), k)).argmax(1))
     return torch.cat(preds)
 
 def confusion_matrix(pred, target, num_classes, ignore_index=IGNORE):
@@ -853,90 +815,71 @@ def segmentation_metrics(conf):
 
 def evaluate_cls(args, ctx, net, train_eval, test, num_classes, spill):
     """-> {"sr", "knn"} in %: a fresh linear head (softmax regression) and kNN, k = 5."""
-    tr_f, tr_y = extract(net, *shard(train_eval, args, ctx), ctx, spill=spill,
-                         budget_gb=args.eval_memory_gb)
-    te_f, te_y = extract(net, *shard(test, args, ctx), ctx)
+    tr_f, tr_y = extract(net, train_eval, args, ctx, spill=spill)
+    te_f, te_y = extract(net, test, args, ctx)
     torch.manual_seed(args.seed)
     head = nn.Linear(tr_f.shape[1], num_classes).to(ctx.device)  # SR: softmax regression
-    head = fit_head(head, tr_f, tr_y, len(train_eval), args, ctx)
+    head = fit_head(head, tr_f, tr_y, args, ctx)
     with torch.no_grad(), ctx.amp():
-        sr_pred = torch.cat([head(f.to(ctx.device).float()).argmax(1).cpu()
-                             for f in te_f.split(4096)])
-    all_f = all_gather_cat(tr_f, len(train_eval), ctx)  # every rank's training features
-    all_y = all_gather_cat(tr_y, len(train_eval), ctx)
-    knn_pred = knn_predict(all_f.to(ctx.device), all_y.to(ctx.device), te_f.to(ctx.device)).cpu()
-    hits = torch.stack([(sr_pred == te_y).sum(), (knn_pred == te_y).sum(), torch.tensor(len(te_y))])
-    hits = all_reduce_sum(hits, ctx)
-    return {"sr": 100.0 * hits[0].item() / hits[2].item(),
-            "knn": 100.0 * hits[1].item() / hits[2].item()}
+        sr = torch.cat([head(f.to(ctx.device).float()).argmax(1).cpu() for f in te_f.split(4096)])
+    knn = knn_predict(tr_f.to(ctx.device), tr_y.to(ctx.device), te_f.to(ctx.device)).cpu()
+    return {"sr": 100 * (sr == te_y).double().mean().item(),
+            "knn": 100 * (knn == te_y).double().mean().item()}
 
 @torch.no_grad()
-def predict_seg(net, heads, x, scales, seg_size, ctx):
-    """Class probabilities (B, c, H, W) at the input resolution, per feature type: "linear" is the
-    last layer at scale 1; "ms" averages the 4-layer head over --ms-scales and horizontal flips,
-    as DINOv2's multi-scale evaluation does. Each (scale, flip) is one backbone pass."""
+def predict_seg(net, head, x, ms, args, ctx):
+    """Class probabilities (B, c, H, W) at the input resolution. "linear": the last layer at scale
+    1. "ms": the 4-layer head averaged over --ms-scales and horizontal flips, as DINOv2's
+    multi-scale evaluation does. Each view is one backbone pass."""
     H, W = x.shape[-2:]
-    p, D = net.backbone.patch_size, net.backbone.embed_dim
-    plan = {(1.0, False): ["linear"]} if "linear" in heads else {}
-    for s in scales if "ms" in heads else []:
-        for flip in (False, True):
-            plan.setdefault((s, flip), []).append("ms")
-    probs = {ft: 0 for ft in heads}
-    for (s, flip), types_ in plan.items():
+    p = net.backbone.patch_size
+    views = [(s, flip) for s in args.ms_scales for flip in (False, True)] if ms else [(1, False)]
+    probs = 0
+    for s, flip in views:
         size = (max(p, round(H * s / p) * p), max(p, round(W * s / p) * p))
-        xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False) if s != 1 else x
+        xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         with ctx.amp():
-            f = net.features(xs.flip(-1) if flip else xs, 4 if "ms" in heads else 1)
-        for ft in types_:
-            with ctx.amp():  # linear: the last layer's D channels of f (B, n·D, h, w)
-                z = heads[ft](f if ft == "ms" else f[:, -D:], size=(round(seg_size * s),) * 2)
-            z = F.interpolate(z.float(), size=(H, W), mode="bilinear", align_corners=False)
-            probs[ft] = probs[ft] + (z.flip(-1) if flip else z).softmax(1)  # the flip undone
-    n = {ft: sum(ft in t for t in plan.values()) for ft in heads}
-    return {ft: pr / n[ft] for ft, pr in probs.items()}
+            f = net.features(xs.flip(-1) if flip else xs, 4 if ms else 1)  # (B, n·D, h, w)
+            z = head(f, size=(round(args.seg_size * s),) * 2)  # (B, c, S·s, S·s)
+        z = F.interpolate(z.float(), size=(H, W), mode="bilinear", align_corners=False)
+        probs = probs + (z.flip(-1) if flip else z).softmax(1)  # the flip undone
+    return probs / len(views)
 
 def evaluate_seg(args, ctx, net, train_eval, test, num_classes, run_dir, spill):
     """-> {feature type: {"pixel_acc", "iou", "miou", "labelled_pixels"}}, a fresh head each."""
     D = net.backbone.embed_dim
     n_layers = 4 if "ms" in args.feature_type else 1
-    tr_f, tr_y = extract(net, *shard(train_eval, args, ctx), ctx, n_layers, args.seg_size, spill,
-                         args.eval_memory_gb)
+    tr_f, tr_y = extract(net, train_eval, args, ctx, n_layers, args.seg_size, spill)
     heads = {}
     for ft in args.feature_type:
         torch.manual_seed(args.seed)
         head = SegHead(D * (4 if ft == "ms" else 1), args.hidden, num_classes, args.seg_size)
         cols = slice(None) if ft == "ms" else slice(-D, None)  # linear: the last layer
-        heads[ft] = fit_head(head.to(ctx.device), tr_f, tr_y, len(train_eval), args, ctx, cols,
-                             IGNORE)
+        heads[ft] = fit_head(head.to(ctx.device), tr_f, tr_y, args, ctx, cols, IGNORE)
     del tr_f, tr_y
     conf = {ft: torch.zeros(num_classes, num_classes, dtype=torch.long) for ft in heads}
-    loader, n_local = shard(test, args, ctx)
-    show = np.linspace(0, n_local - 1, args.save_vis).round().astype(int).tolist()
+    show = np.linspace(0, len(test) - 1, args.save_vis).round().astype(int).tolist()
     pos = 0
-    for x, y in loader:  # the test split: one backbone pass per scale and flip
-        probs = predict_seg(net, heads, x.to(ctx.device), args.ms_scales, args.seg_size, ctx)
-        for ft, pr in probs.items():
-            conf[ft] += confusion_matrix(pr.argmax(1).cpu(), y, num_classes, IGNORE)
-        pred = probs[args.feature_type[0]].argmax(1).cpu()
-        for b in (b for b in range(len(x)) if ctx.rank == 0 and pos + b in show):
-            path = os.path.join(run_dir, "vis", f"{show.index(pos + b):03d}.png")
-            save_vis(x[b], y[b], pred[b], path)
+    for x, y in loader(test, 16, args, ctx):  # (16, c, H, W) probabilities: 1.9 GB at 448 px, c 150
+        preds = {ft: predict_seg(net, h, x.to(ctx.device), ft == "ms", args, ctx).argmax(1).cpu()
+                 for ft, h in heads.items()}  # (B, H, W) each
+        for ft, pred in preds.items():
+            conf[ft] += confusion_matrix(pred, y, num_classes)
+        for b in range(len(x)):
+            if pos + b in show:  # Figure 2's material: the first feature type's prediction
+                pred = preds[args.feature_type[0]][b]
+                save_vis(x[b], y[b], pred, f"{run_dir}/vis/{show.index(pos + b):03d}.png")
         pos += len(x)
-    out = {}
-    for ft, cm in conf.items():
-        cm = all_reduce_sum(cm, ctx)
-        out[ft] = segmentation_metrics(cm) | {"labelled_pixels": int(cm.sum())}
-    return out
+    return {ft: segmentation_metrics(cm) | {"labelled_pixels": int(cm.sum())}
+            for ft, cm in conf.items()}
 
 def voc_palette():
-    """The Pascal VOC colour map (class bits spread over the high bits of R, G, B)."""
-    pal = np.zeros((256, 3), np.uint8)
-    for i in range(256):
-        c = i
-        for j in range(8):
-            pal[i] |= np.array([c & 1, (c >> 1) & 1, (c >> 2) & 1], np.uint8) << (7 - j)
-            c >>= 3
-    return pal
+    """The Pascal VOC colour map: bit 3j + ch of the class index is bit 7 - j of channel ch."""
+    i = np.arange(256)[:, None]  # (256, 1)
+    pal = np.zeros((256, 3), np.int64)
+    for j in range(8):
+        pal |= ((i >> (3 * j + np.arange(3))) & 1) << (7 - j)
+    return pal.astype(np.uint8)
 
 def save_vis(x, y, pred, path):
     """Figure 2's material: image | ground truth | prediction, in the VOC palette (255: cream)."""
@@ -952,7 +895,8 @@ def save_vis(x, y, pred, path):
 # Main: one run = data, model, post-training, evaluation, result.json
 
 def run(args, ctx):
-    """One experiment. Returns (result dict, the trained Net); (None, Net) when stopped early."""
+    """One experiment -> (result dict, the trained Net). Rank 0 evaluates alone: the other ranks
+    return (None, Net) after training, as every rank does when --stop-after-epoch ends the run."""
     def load():  # rank 0 first: the hub's download and cache
         torch.manual_seed(args.seed)  # a randomly initialised backbone: the same on every rank
         return load_backbone(args.hub_repo, args.model, args.weights, args.hub_kwargs)
@@ -986,15 +930,15 @@ def run(args, ctx):
         hist = {"train_loss": [], "sec_per_epoch": [], "series": {}}
         if args.method != "frozen":
             hist = train(args, ctx, net, train_set, run_dir)
-        if hist is None:
-            if ctx.rank == 0:
-                print(f"stopped after epoch {args.stop_after_epoch}; rerun with --resume to go on")
+        if hist is None or ctx.rank > 0:
             return None, net
-        metrics, seconds = evaluate(args, ctx, net, train_eval, test, num_classes, run_dir)
+        t0 = time.time()
+        metrics = evaluate(args, ctx, net, train_eval, test, num_classes, run_dir)
     finally:
         for s, h in before.items():
             signal.signal(s, h)
-    return finish(args, ctx, run_dir, net, {"metrics": metrics, **hist, "eval_seconds": seconds})
+    result = {"metrics": metrics, **hist, "eval_seconds": time.time() - t0}
+    return finish(args, ctx, run_dir, net, result)
 
 def earlier_run(args, run_dir):
     """A run folder is never silently overwritten: a finished run's result (it is not run again),
@@ -1010,37 +954,30 @@ def earlier_run(args, run_dir):
     return None
 
 def evaluate(args, ctx, net, train_eval, test, num_classes, run_dir):
-    """The frozen post-trained backbone under a fresh head. -> (metrics, seconds)."""
-    t0 = time.time()
-    spill = os.path.join(run_dir, f"cache-{ctx.rank}")  # features over --eval-memory-gb go here
-    if ctx.rank == 0:
-        print(f"evaluating: features of {len(train_eval)} + {len(test)} images, then "
-              f"{args.eval_epochs} epochs of a fresh head", flush=True)
+    """The frozen post-trained backbone under a fresh head -> metrics."""
+    print(f"evaluating: features of {len(train_eval)} + {len(test)} images, then "
+          f"{args.eval_epochs} epochs of a fresh head", flush=True)
+    spill = os.path.join(run_dir, "cache")  # features beyond --eval-memory-gb go here
     try:
-        net.eval()
         if args.task == "cls":
-            metrics = evaluate_cls(args, ctx, net, train_eval, test, num_classes, spill)
-        else:
-            metrics = evaluate_seg(args, ctx, net, train_eval, test, num_classes, run_dir, spill)
+            return evaluate_cls(args, ctx, net.eval(), train_eval, test, num_classes, spill)
+        return evaluate_seg(args, ctx, net.eval(), train_eval, test, num_classes, run_dir, spill)
     finally:
         shutil.rmtree(spill, ignore_errors=True)
-    return metrics, time.time() - t0
 
 def finish(args, ctx, run_dir, net, result):
-    """A finished run (rank 0 writes it): the post-trained backbone (loadable with --weights),
-    then result.json, last, so that a result on disk means a finished run; the resume state goes.
-    -> (result, net)."""
+    """The post-trained backbone (loadable with --weights), then result.json, last, so that a
+    result on disk means a finished run; the resume state goes. -> (result, net)."""
     cuda = ctx.device.type == "cuda"
     result |= {"config": vars(args), "world_size": ctx.world, "torch": torch.__version__,
                "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                "device": torch.cuda.get_device_name() if cuda else "cpu",
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if ctx.rank != 0:
-        return result, net
     if args.method != "frozen":
         atomic_save(os.path.join(run_dir, "backbone.pt"),
                     functools.partial(torch.save, net.backbone.state_dict()))
-    write_json_atomic(os.path.join(run_dir, "result.json"), result)
+    text = json.dumps(result, indent=1).encode()
+    atomic_save(os.path.join(run_dir, "result.json"), lambda f: f.write(text))
     if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
         os.remove(os.path.join(run_dir, "ckpt.pt"))
     print(f"{os.path.basename(run_dir)}: {json.dumps(result['metrics'])}", flush=True)
@@ -1070,12 +1007,9 @@ def scales(text):  # --ms-scales 1.0,1.5
     return [number(float, 0, low_open=True)(v) for v in text.split(",")]
 
 def json_object(text):  # --hub-kwargs '{"pretrained": false}'
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    value = json.loads(text)  # argparse: "invalid json_object value" on a ValueError
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("not a JSON object")
+        raise ValueError(text)
     return value
 
 EXAMPLES = """examples:

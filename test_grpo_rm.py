@@ -196,15 +196,17 @@ def cls_args(hub, data, out, *extra):
 
 
 def seg_args(hub, data, out, *extra):
-    return ["--task", "seg", "--dataset", "voc", "--data-dir", data, "--hub-repo", hub, "--model",
-            "dinov2_vitt_test", "--img-size", "16", "--seg-size", "8", "--batch-size", "4",
+    return ["--task", "seg", "--dataset", "voc", "--num-classes", "3", "--data-dir", data,
+            "--hub-repo", hub, "--model", "dinov2_vitt_test", "--img-size", "16", "--seg-size",
+            "8", "--batch-size", "4",
             "--epochs", "2", "--eval-epochs", "2", "--lr", "0.01", "--workers", "0", "--out",
             str(out), "--ms-scales", "1.0,1.5", "--device", "cpu", *extra]
 
 
 def real_args(data, out, *extra, task="cls"):
     base = (["--dataset", "imagefolder", "--img-size", "28"] if task == "cls" else
-            ["--dataset", "voc", "--img-size", "28", "--seg-size", "8", "--ms-scales", "1.0,1.5"])
+            ["--dataset", "voc", "--num-classes", "3", "--img-size", "28", "--seg-size", "8",
+             "--ms-scales", "1.0,1.5"])
     return [*base, "--data-dir", data, "--hub-repo", DINOV2, "--model", "dinov2_vits14",
             "--hub-kwargs", PIN, "--batch-size", "8", "--epochs", "1", "--eval-epochs", "1",
             "--lr", "0.001", "--workers", "0", "--out", str(out), "--device", "cpu", *extra]
@@ -639,7 +641,7 @@ def test_hub_local_load_and_weights(hub, tmp_path):
 def test_hub_errors(hub, tmp_path):
     with pytest.raises(G.UserError, match="--model dinov2_nope"):
         G.load_backbone(hub, "dinov2_nope")
-    with pytest.raises(G.UserError, match="no hubconf.py"):
+    with pytest.raises(G.UserError, match="hubconf.py"):
         G.load_backbone(str(tmp_path), "dinov2_vitt_test")
     own = G.load_backbone(hub, "dinov2_vitt_test").state_dict()
     bad = {k: v for k, v in own.items() if "blocks.3" not in k}
@@ -1043,7 +1045,8 @@ def test_smoke_every_parameter_changes(hub, imagefolder, tmp_path, monkeypatch, 
 @GPU_ONLY
 def test_gpu_compile_fused_adam_bf16(hub, imagefolder, tmp_path, monkeypatch):
     adams, adam = [], torch.optim.Adam
-    monkeypatch.setattr(torch.optim, "Adam", lambda *a, **k: adams.append(adam(*a, **k)) or adams[-1])
+    monkeypatch.setattr(torch.optim, "Adam",
+                        lambda *a, **k: adams.append(adam(*a, **k)) or adams[-1])
     result, net = G.main(cls_args(hub, imagefolder, tmp_path, "--device", "cuda", "--compile"))
     assert adams[0].defaults["fused"] and result["config"]["dtype"] == "bf16"
     assert next(net.parameters()).is_cuda and 0 <= result["metrics"]["sr"] <= 100
@@ -1118,7 +1121,7 @@ def test_ddp_on_gpu(hub, imagefolder, tmp_path):
     argv = cls_args(hub, imagefolder, tmp_path / "runs", "--device", "cuda",
                     "--dist-backend", backend)
     r0, r1 = _ddp(argv, tmp_path)
-    assert r0["result"]["metrics"] == r1["result"]["metrics"] and r0["result"]["world_size"] == 2
+    assert r0["result"]["world_size"] == 2 and r1["result"] is None  # rank 0 evaluates alone
     for k in r0["state"]:
         assert torch.equal(r0["state"][k], r1["state"][k]), k
 
@@ -1336,68 +1339,10 @@ def test_sr_head_equals_a_softmax_regression_by_hand():
     feats, labels = torch.randn(37, 6, generator=g), torch.randint(0, 4, (37,), generator=g)
     args = _fit_args(batch_size=8, eval_epochs=3, eval_lr=0.1, seed=2)
     torch.manual_seed(2)
-    head = G.fit_head(torch.nn.Linear(6, 4), feats, labels, 37, args, CPU)
+    head = G.fit_head(torch.nn.Linear(6, 4), feats, labels, args, CPU)
     W, b = _softmax_regression(feats, labels, 4, 3, 8, 0.1, 2)
     torch.testing.assert_close(head.weight.detach(), W, atol=1e-6, rtol=0)
     torch.testing.assert_close(head.bias.detach(), b, atol=1e-6, rtol=0)
-
-
-def _fit_head_worker(rank, world, port, out):
-    import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    g = torch.Generator().manual_seed(0)
-    feats, labels = torch.randn(37, 6, generator=g), torch.randint(0, 4, (37,), generator=g)
-    labels[::7] = -100  # unlabelled samples: the batch's labelled count is global
-    args = _fit_args(batch_size=8, eval_epochs=3, eval_lr=0.1)
-    torch.manual_seed(0)
-    ctx = G.Ctx(rank, world, torch.device("cpu"), torch.float32)
-    head = G.fit_head(torch.nn.Linear(6, 4), feats[rank::world], labels[rank::world], 37, args,
-                      ctx)
-    torch.save(head.state_dict(), os.path.join(out, f"head{rank}.pt"))
-    dist.destroy_process_group()
-
-
-def test_eval_head_is_the_same_with_any_number_of_processes(tmp_path):
-    torch.multiprocessing.spawn(_fit_head_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
-    h0, h1 = (torch.load(tmp_path / f"head{r}.pt") for r in (0, 1))
-    g = torch.Generator().manual_seed(0)
-    feats, labels = torch.randn(37, 6, generator=g), torch.randint(0, 4, (37,), generator=g)
-    labels[::7] = -100
-    torch.manual_seed(0)
-    args = _fit_args(batch_size=8, eval_epochs=3, eval_lr=0.1)
-    one = G.fit_head(torch.nn.Linear(6, 4), feats, labels, 37, args, CPU)
-    for k in h0:
-        assert torch.equal(h0[k], h1[k])
-        torch.testing.assert_close(h0[k], one.state_dict()[k], atol=1e-6, rtol=0)
-
-
-def _knn_data():
-    """Random training features (41, 8), their labels (5 classes), test features (17, 8)."""
-    g = torch.Generator().manual_seed(0)
-    return (torch.randn(41, 8, generator=g), torch.randint(0, 5, (41,), generator=g),
-            torch.randn(17, 8, generator=g))
-
-
-def _knn_worker(rank, world, port, out):
-    import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    train, labels, test = _knn_data()
-    ctx = G.Ctx(rank, world, torch.device("cpu"), torch.float32)
-    all_f = G.all_gather_cat(train[rank::world], len(train), ctx)
-    all_y = G.all_gather_cat(labels[rank::world], len(train), ctx)
-    torch.save(G.knn_predict(all_f, all_y, test[rank::world]), os.path.join(out, f"knn{rank}.pt"))
-    dist.destroy_process_group()
-
-
-def test_knn_gathers_every_ranks_training_features(tmp_path):
-    torch.multiprocessing.spawn(_knn_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
-    train, labels, test = _knn_data()
-    one = G.knn_predict(train, labels, test)  # one process, every feature
-    two = [torch.load(tmp_path / f"knn{r}.pt") for r in (0, 1)]
-    assert torch.equal(two[0], one[0::2]) and torch.equal(two[1], one[1::2])
-    assert not torch.equal(G.knn_predict(train[0::2], labels[0::2], test[0::2]), one[0::2])
 
 
 class _PerPixel(torch.nn.Module):
@@ -1423,7 +1368,7 @@ def test_multiscale_inference_undoes_the_flip():
     x = torch.randn(2, 3, 16, 16)
     sym = torch.cat([x[..., :8], x[..., :8].flip(-1)], -1)  # flip-symmetric
     for img in (sym, x):
-        p = G.predict_seg(net, heads, img, args.ms_scales, args.seg_size, ctx)
+        p = {ft: G.predict_seg(net, h, img, ft == "ms", args, ctx) for ft, h in heads.items()}
         # the "ms" head averages the plain and the flipped pass; with the flip undone and an
         # equivariant model both passes agree, for any input
         plain = F.interpolate(heads["ms"](net.features(img, 4), size=(8, 8)), size=(16, 16),
@@ -1477,7 +1422,7 @@ def test_feature_cache_beyond_the_budget_stays_on_disk(hub, tmp_path):
         results[budget]["growth"] = peak[0] - base_mb
     assert results["0.015625"]["growth"] < 64 and results["100"]["growth"] > 240  # MiB
     assert results["0.015625"]["metrics"] == results["100"]["metrics"]
-    assert not list(tmp_path.glob("*/cache-*"))  # the spilled files are removed
+    assert not list(tmp_path.glob("*/cache"))  # the spilled files are removed
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1500,7 +1445,7 @@ def test_sigterm_in_evaluation_is_not_swallowed(hub, imagefolder, tmp_path):
     assert p.returncode == 3 and "stopped by SIGTERM" in err and "--resume" in err, err
     run = _run_dir(tmp_path, "cls-imagefolder-grpo-eq4-s0")
     assert (run / "ckpt.pt").exists() and not (run / "result.json").exists()
-    assert not list(run.glob("cache-*"))
+    assert not (run / "cache").exists()
     rc, err, _ = _cli(*argv, "--resume")  # the trained model is evaluated, not trained again
     assert rc == 0 and len(json.load(open(run / "result.json"))["train_loss"]) == 1, err
 
@@ -1604,7 +1549,7 @@ def test_cli_bad_seg_files(hub, vocfolder, tmp_path):
     assert "tr3.png" in lines[0] and "label value 30" in lines[0], err
     os.remove(masks / "tr3.png")
     rc, err, lines = _cli(*seg_args(hub, str(d), tmp_path, "--epochs", "1"))
-    assert rc != 0 and len(lines) == 1 and "tr3.png" in lines[0] and "missing" in lines[0], err
+    assert rc != 0 and len(lines) == 1 and "tr3.png" in lines[0] and "No such file" in lines[0]
     assert not list(tmp_path.glob("*/result.json"))  # nothing reported as final
 
 
@@ -1623,10 +1568,9 @@ def test_cli_corrupt_image_and_batch_split(hub, imagefolder, tmp_path):
 def test_failing_rank_stops_all(hub, imagefolder, tmp_path):
     d = tmp_path / "data"
     shutil.copytree(imagefolder, d)
-    (d / "test" / "class0" / "1.png").write_bytes(b"broken")  # test index 1: rank 1's shard only
+    (d / "train" / "class0" / "1.png").write_bytes(b"broken")  # read by one rank in training
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-           str(_free_port()), os.path.join(HERE, "grpo_rm.py"),
-           *cls_args(hub, str(d), tmp_path, "--method", "frozen")]
+           str(_free_port()), os.path.join(HERE, "grpo_rm.py"), *cls_args(hub, str(d), tmp_path)]
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -11,6 +11,7 @@ tools/report.py); --loss-only OUT/loss-*.json (report.py reads each bench-*.json
 import argparse
 import copy
 import functools
+import json
 import math
 import os
 import sys
@@ -121,10 +122,12 @@ def bench_methods(args, own, ctx, num_classes, backbone):
             step()
         # A CPU process's resident set cannot be split between two methods: GPU only.
         peak = torch.cuda.max_memory_allocated(ctx.device) / 2**30 - before if cuda else None
-        total = G.all_reduce_sum(torch.tensor([peak or 0.0], dtype=torch.float64), ctx).item()
+        total = torch.tensor([peak or 0.0], dtype=torch.float64, device=ctx.device)
+        if ctx.world > 1:
+            dist.all_reduce(total)  # every rank's peak
         rows[m] = {"flops_per_step": counter.get_total_flops() * ctx.world,
                    "fwd_macs_per_image": linear_macs(net, one) * (2 if m == "grpo" else 1),
-                   "peak_memory_gb": peak, "memory_sum_gb": total if cuda else None}
+                   "peak_memory_gb": peak, "memory_sum_gb": total.item() if cuda else None}
     t = time_rounds({"ce": built["ce"][0], "grpo": built["grpo"][0], "old": built["grpo"][1]},
                     own.steps, ctx, own.rounds)
     for m, r in rows.items():
@@ -183,12 +186,18 @@ def bench_loss(n, c, fns, ctx, own):
     return {"n": n, "c": c, "dtype": str(z.dtype)[6:], "logit_bytes": z.numel() * z.element_size(),
             **out}
 
-def paper_units(rows, args, spec, ctx):
+# The paper's training-set sizes (its Table 1), for Table 5's seconds per epoch
+PAPER_TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "stl10": 5_000,
+                      "tinyimagenet": 100_000, "imagenet": 1_281_167, "voc": 1_464,
+                      "ade20k": 20_210, "cocostuff": 118_287}
+
+def paper_units(rows, args, ctx):
     """Table 5's units: forward MACs per batch, seconds per epoch of the paper's training set (from
     the measured step time), and MFU against the GPU's dense bf16 peak."""
     peak = next((v for k, v in PEAK_BF16.items() if k in device_name(ctx)), None)
     peak = peak if args.dtype == "bf16" else None
-    steps = math.ceil(spec.images / args.batch_size) if spec.images else None
+    images = PAPER_TRAIN_IMAGES.get(args.dataset)
+    steps = math.ceil(images / args.batch_size) if images else None
     for r in rows.values():
         r["fwd_macs_per_batch"] = r["fwd_macs_per_image"] * args.batch_size
         r["sec_per_epoch_paper"] = r["ms_per_step"] * steps / 1e3 if steps else None
@@ -226,7 +235,8 @@ def write(args, ctx, name, result, lines):
     if ctx.rank == 0:
         print("\n".join(lines), flush=True)
         os.makedirs(args.out, exist_ok=True)
-        G.write_json_atomic(os.path.join(args.out, name), result)
+        text = json.dumps(result, indent=1).encode()
+        G.atomic_save(os.path.join(args.out, name), lambda f: f.write(text))
     return result
 
 def bench(args, own, ctx):
@@ -250,7 +260,7 @@ def bench(args, own, ctx):
     except torch.OutOfMemoryError:
         msg = f"out of GPU memory at {b} images per process; lower --batch-size"
         raise G.UserError(msg) from None
-    paper_units(rows, args, spec, ctx)
+    paper_units(rows, args, ctx)
     cfg = {**vars(args), "no_sdpa": False}  # report.py's Table 5 reads it; the flag is gone
     result = {"config": cfg, "bench": vars(own), "device": device_name(ctx),
               "world_size": ctx.world, "torch": torch.__version__, "methods": rows, "loss": loss,
