@@ -73,12 +73,13 @@ def advantages(r, eps=1e-4):
     return (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + eps)  # (N, c) Eq. (2)
 
 def grpo_rm_loss(logits, old_logits, labels, clip_eps=0.2, uniformity="eq4",
-                 background_penalty=False, ignore_index=-100, dual_clip=None,
+                 background_penalty=False, ignore_index=-100, dual_clip=None, kl_coef=None,
                  with_diagnostics=False):
     """-J(θ) of Eq. (1) with β = 0: the group is the c classes, π_θ(o_i|q) = softmax(logits)_i.
     logits, old_logits (N, c); labels (N,). The mean over the samples whose label is not
-    ignore_index (images, or the labelled pixels of a segmentation batch). dual_clip=C (not in the
-    paper; off by default) bounds the terms of negative advantage below by C·A."""
+    ignore_index (images, or the labelled pixels of a segmentation batch). Not in the paper, off
+    by default: dual_clip=C bounds the terms of negative advantage below by C·A; kl_coef=k adds
+    k·KL(π_θold || π_θ) to the loss."""
     keep = labels != ignore_index  # (N,)
     y = labels.masked_fill(~keep, 0)
     dtype = torch.promote_types(logits.dtype, torch.float32)  # float32 under bf16 autocast
@@ -96,6 +97,9 @@ def grpo_rm_loss(logits, old_logits, labels, clip_eps=0.2, uniformity="eq4",
     ratio = torch.exp(bounded)  # (N, c)
     # Eq. (1): 1/G Σ_i min(ρ_i A_i, clip(ρ_i, 1 - ε, 1 + ε) A_i), G = c; then the mean over q
     J = torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A).mean(-1)  # (N,)
+    if kl_coef:  # PPO's KL penalty (Schulman et al. 2017, Eq. 8) towards θ_old, exact over the c
+        kl = -(logp_old.exp() * log_ratio).sum(-1)  # classes (N,); gradient p - p_old: bounded
+        J = J - kl_coef * kl
     loss = -(J * keep).sum() / keep.sum().clamp(min=1)
     if not with_diagnostics:
         return loss
@@ -551,7 +555,7 @@ def make_loss(args, ctx):
     return compiled(functools.partial(
         grpo_rm_loss, clip_eps=args.clip_eps, uniformity=args.uniformity, ignore_index=ignore,
         background_penalty=args.background_penalty, dual_clip=args.dual_clip,
-        with_diagnostics=True), ctx.device)
+        kl_coef=args.kl_coef, with_diagnostics=True), ctx.device)
 
 def train_step(model, old, opt, loss_fn, seg, ctx, x, y):
     """One optimisation step -> [loss, grad norm, *diagnostics], a device tensor: no host sync."""
@@ -637,19 +641,15 @@ def flush(rows, hist, ctx, epoch, ckpt):
         hist["series"][k] += v
 
 def progress(hist, epoch, epochs, per_epoch, t0, n_images):
-    """One line per --log-every steps: where, the loss and diagnostics, speed, time left."""
+    """One line per --log-every steps: where, the last step's recorded values, speed, time left."""
     s = hist["series"]
     done = s["step"][-1] + 1
     elapsed = time.time() - t0
     eta = elapsed / (done - epoch * per_epoch) * (epochs * per_epoch - done)
-    parts = [f"epoch {epoch + 1}/{epochs} step {done}/{epochs * per_epoch}",
-             f"loss {s['loss'][-1]:.4f}"]
-    if "clip_frac" in s:
-        parts += [f"clip {s['clip_frac'][-1]:.3f}", f"kl {s['approx_kl'][-1]:.2e}",
-                  f"|ρ-1| {s['ratio_dev_mean'][-1]:.3f} (max {s['ratio_dev_max'][-1]:.2f})"]
-    parts += [f"grad norm {s['grad_norm'][-1]:.3f}", f"lr {s['lr'][-1]:.2e}",
-              f"{n_images / elapsed:.0f} img/s", f"ETA {datetime.timedelta(seconds=round(eta))}"]
-    print(" | ".join(parts), flush=True)
+    line = [f"epoch {epoch + 1}/{epochs} step {done}/{epochs * per_epoch}"]
+    line += [f"{k} {v[-1]:.3g}" for k, v in s.items() if k != "step"]
+    line += [f"{n_images / elapsed:.0f} img/s", f"ETA {datetime.timedelta(seconds=round(eta))}"]
+    print(" | ".join(line), flush=True)
 
 def run_epoch(epoch, loader, step, sched, hist, args, ctx, ckpt, net, old):
     """The steps of one epoch; the lr follows the cosine schedule step by step."""
@@ -671,8 +671,7 @@ def train(args, ctx, net, train_set, run_dir):
     """Algorithm 1; with --method ce, standard fine-tuning with the same network and schedule.
     Returns the history, or None when --stop-after-epoch ended the run early."""
     old = make_old(net) if args.method == "grpo" else None
-    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    model = DDP(net, device_ids=ids) if ctx.world > 1 else net  # gradients averaged over ranks
+    model = DDP(net) if ctx.world > 1 else net  # gradients averaged over ranks
     model = torch.compile(model) if args.compile else model
     old_fwd = torch.compile(old) if args.compile and old is not None else old
     params = [p for p in net.parameters() if p.requires_grad]  # θ_old is not among them
@@ -1045,6 +1044,7 @@ def make_parser():
     a("--background-penalty", action=on_off, help="seg: r_0 -= c/2 after Eq. (6); default: voc")
     a("--dual-clip", type=number(float, 1, low_open=True), metavar="C",
       help="not in the paper: bound the terms of A < 0 below by C·A (dual-clip PPO uses 3)")
+    a("--kl-coef", type=pos_float, metavar="k", help="not in the paper: + k·KL(π_θold‖π_θ)")
     a("--old-every", type=pos_int, metavar="K",
       help="not in the paper: refresh θ_old every K steps (default: once an epoch, Algorithm 1)")
     a("--epochs", type=pos_int, default=100, help="post-training epochs")

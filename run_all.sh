@@ -173,13 +173,14 @@ mini() {
 
 # Beyond the paper (README): GRPO-RM at the paper's lr on 2,000 CIFAR-10 images of the miniature's
 # folder (32 px, batch 64, 100 epochs, fp32, evaluated on all 10,000 + 2,000), where the paper's
-# form collapses, beside fine-tuning and the stabilisers: --dual-clip 3, --old-every 1 and 8.
-# VARIANTS picks some of them ["ce paper dc3 old1 old8"].
+# form collapses, beside fine-tuning and the stabilisers: --dual-clip 3, --old-every 1 and 8, and
+# --dual-clip 3 with --kl-coef 1. VARIANTS picks some of them ["ce paper dc3 old1 old8 dc3kl1"].
 stable() {
   local f=(--img-size 32 --subset 0.2 --batch-size 64 --epochs 100 --eval-lr 1e-3 --dtype fp32)
-  local -A flags=([paper]="" [dc3]="--dual-clip 3" [old1]="--old-every 1" [old8]="--old-every 8")
+  local -A flags=([paper]="" [dc3]="--dual-clip 3" [old1]="--old-every 1" [old8]="--old-every 8"
+                  [dc3kl1]="--dual-clip 3 --kl-coef 1")
   local seed v
-  for seed in $SEEDS; do for v in ${VARIANTS:-ce paper dc3 old1 old8}; do
+  for seed in $SEEDS; do for v in ${VARIANTS:-ce paper dc3 old1 old8 dc3kl1}; do
     if [[ $v == ce ]]; then
       TAG=stable cls imagefolder cifar10_jpg_mini ce "$seed" "${f[@]}" --workers 1
     else

@@ -435,8 +435,28 @@ def test_dual_clip_keeps_an_overflowing_ratio_finite(dtype):
     assert new.grad[1].abs().sum() > 0  # the sample without overflow still learns
 
 
+def test_kl_penalty_by_hand():
+    # c = 2, p_old = [3/4, 1/4], p = [1/2, 1/2]: KL(old || new) = 3/4 ln(3/2) + 1/4 ln(1/2)
+    # = 0.1308120, and its gradient in the logits p - p_old = [-1/4, 1/4] (one sample: no mean).
+    old = torch.log(torch.tensor([[0.75, 0.25]], dtype=torch.float64))
+    new = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([1])
+    with_kl, plain = G.grpo_rm_loss(new, old, y, kl_coef=2.0), G.grpo_rm_loss(new, old, y)
+    assert (with_kl - plain).item() == pytest.approx(2 * 0.1308120, abs=1e-7)
+    g_kl, g = (torch.autograd.grad(v, new)[0] for v in (with_kl, plain))
+    torch.testing.assert_close(g_kl - g, torch.tensor([[-0.5, 0.5]], dtype=torch.float64))
+
+
+def test_kl_penalty_gradient_finite_differences():
+    new, old = _batch(9, 6, 4, 1.5)  # with the dual clip: terms at its bound, inside and clipped
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    assert torch.autograd.gradcheck(
+        lambda z: G.grpo_rm_loss(z, old, labels, dual_clip=1.5, kl_coef=0.5),
+        (new.requires_grad_(),), eps=1e-6, atol=1e-7)
+
+
 def plain_grpo_rm_loss(logits, old_logits, labels, eps=0.2, uniformity="eq4", penalty=False,
-                       ignore=-100, dual=None):
+                       ignore=-100, dual=None, kl=None):
     """Eq. (1), β = 0, as the paper writes it, differentiated by autograd: the reference."""
     keep = labels != ignore
     y = labels.masked_fill(~keep, 0)
@@ -450,6 +470,8 @@ def plain_grpo_rm_loss(logits, old_logits, labels, eps=0.2, uniformity="eq4", pe
     if dual:  # dual-clip PPO as Ye et al. write it: max(min(ρA, clip(ρ)A), C·A) for A < 0
         terms = torch.where(A < 0, torch.maximum(terms, dual * A), terms)
     J = terms.mean(-1)
+    if kl:  # PPO's penalty: KL(π_θold || π_θ) = Σ_i p_old,i (log p_old,i - log p_i)
+        J = J - kl * (logp_old.exp() * (logp_old - logp)).sum(-1)
     return -(J * keep).sum() / keep.sum().clamp(min=1)
 
 
@@ -848,6 +870,21 @@ def test_offline_download_is_one_clear_line(hub, tmp_path, monkeypatch):
     assert lines[0].startswith("error: --data-dir") and "download failed" in lines[0], lines
 
 
+def test_data_is_checked_before_training(hub, imagefolder, vocfolder, tmp_path, monkeypatch):
+    """A VOC-layout folder with fewer classes than --dataset voc's 21, and a broken test image,
+    are refused before the first training step."""
+    monkeypatch.setattr(G, "train", lambda *a: pytest.fail("training started"))
+    argv = seg_args(hub, vocfolder, tmp_path)
+    i = argv.index("--num-classes")
+    with pytest.raises(G.UserError, match="test masks hold classes 0-2, not the 21 of --dataset"):
+        G.main(argv[:i] + argv[i + 2:])
+    d = tmp_path / "data"
+    shutil.copytree(imagefolder, d)
+    (d / "test" / "class2" / "3.png").write_bytes(b"\x89PNG truncated")
+    with pytest.raises(G.UserError, match="3.png: cannot read image"):
+        G.main(cls_args(hub, str(d), tmp_path))
+
+
 # =============================================================================
 # Training: an independent reference of Algorithm 1, every flag, smoke runs per device
 
@@ -886,7 +923,7 @@ NO_QKV_BIAS = ["--hub-kwargs", '{"qkv_bias": false}']
 
 def reference_algorithm1(net, x_all, y_all, epochs, m, base_lr, method="grpo", eps=0.2,
                          uniformity="eq4", penalty=False, seed=0, seg=False, dual=None,
-                         old_every=None):
+                         old_every=None, kl=None):
     """Algorithm 1 as the paper and NOTES.md state it, in a plain loop that uses none of
     grpo_rm.py's training code: Adam (no weight decay) with the cosine learning rate from
     base·m/256 to base/100·m/256; θ_old <- θ at the start of every epoch; the clipped loss of
@@ -918,7 +955,7 @@ def reference_algorithm1(net, x_all, y_all, epochs, m, base_lr, method="grpo", e
             if method == "ce":
                 loss = F.cross_entropy(z, y, ignore_index=ignore)
             else:
-                loss = plain_grpo_rm_loss(z, z_old, y, eps, uniformity, penalty, ignore, dual)
+                loss = plain_grpo_rm_loss(z, z_old, y, eps, uniformity, penalty, ignore, dual, kl)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -930,7 +967,7 @@ def reference_algorithm1(net, x_all, y_all, epochs, m, base_lr, method="grpo", e
     ["--method", "grpo"], ["--method", "grpo", "--uniformity", "eq5"],
     ["--method", "grpo", "--uniformity", "none"], ["--method", "grpo", "--clip-eps", "0.05"],
     ["--method", "ce"], ["--method", "grpo", "--dual-clip", "1.02"],
-    ["--method", "grpo", "--old-every", "2"]])
+    ["--method", "grpo", "--old-every", "2"], ["--method", "grpo", "--kl-coef", "0.5"]])
 def test_training_equals_reference_algorithm1(hub, imagefolder, tmp_path, monkeypatch, extra,
                                               eager_loss):
     seen = _capture_init(monkeypatch)
@@ -940,7 +977,7 @@ def test_training_equals_reference_algorithm1(hub, imagefolder, tmp_path, monkey
     a = G.get_args(cls_args(hub, imagefolder, tmp_path, *extra))
     x, y = _read_imagefolder(imagefolder)
     ref = reference_algorithm1(seen[0], x, y, 3, 8, 0.05, a.method, a.clip_eps, a.uniformity,
-                               seed=4, dual=a.dual_clip, old_every=a.old_every)
+                               seed=4, dual=a.dual_clip, old_every=a.old_every, kl=a.kl_coef)
     assert _max_diff(_trainable(ref), _trainable(net)) < 2e-6
     if a.method == "grpo":  # the clip was active: the comparison covers both regimes
         assert max(result["series"]["clip_frac"]) > 0.05
@@ -1626,6 +1663,7 @@ def test_defaults_follow_the_paper():
     ("--img-size", "0"), ("--seg-size", "-1"), ("--lr", "-1"), ("--lr", "0"), ("--eval-lr", "0"),
     ("--clip-eps", "-0.1"), ("--clip-eps", "1.5"), ("--subset", "0"), ("--subset", "1.5"),
     ("--workers", "-1"), ("--log-every", "0"), ("--dual-clip", "1"), ("--old-every", "0"),
+    ("--kl-coef", "0"),
     ("--num-classes", "1"), ("--ms-scales", "1.0,0"), ("--feature-type", "deep"),
     ("--hub-kwargs", "[1]"), ("--batch-size", "x")])
 def test_every_numeric_flag_is_range_checked(flag, bad, capsys):

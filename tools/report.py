@@ -62,6 +62,7 @@ def data_label(cfg):
 def variant(c):
     """What a GRPO-RM run adds to the paper's form (grpo_rm.py's flags beyond the paper)."""
     v = f" + dual-clip {c['dual_clip']:g}" if c.get("dual_clip") else ""
+    v += f" + KL {c['kl_coef']:g}" if c.get("kl_coef") else ""
     return v + (f" + θ_old every {c['old_every']} steps" if c.get("old_every") else "")
 
 
