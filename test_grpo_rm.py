@@ -1140,7 +1140,7 @@ def test_ddp_equals_one_process(ddp_cls, tmp_path):
     assert _max_diff({k: v.cpu() for k, v in net.state_dict().items()}, r0["state"]) < 2e-6
     assert r0["result"]["metrics"] == pytest.approx(one["metrics"], abs=1e-9)  # SR and kNN
     assert r0["result"]["train_loss"] == pytest.approx(one["train_loss"], abs=1e-6)
-    assert r0["result"]["world_size"] == 2
+    assert r0["result"]["world_size"] == 2 and r1["result"] is None  # rank 0 evaluates alone
 
 
 def test_ddp_seg_equals_one_process(hub, vocfolder, tmp_path):
@@ -1313,6 +1313,10 @@ def test_knn_by_hand():
     assert G.knn_predict(train, labels, q[1:2], k=2).tolist() == [1]
     assert G.knn_predict(train, labels, q[1:2], k=4).tolist() == [1]
     assert G.knn_predict(train, labels, q[2:], k=3).tolist() == [1]
+    # Majority over nearness: 0° and 4° (class 0) are the two nearest to 1°, 30°, 40°, 50°
+    # (class 1) the next three; k = 5 -> votes 0:2, 1:3 -> class 1.
+    far = torch.tensor([_at(0), _at(4), _at(30), _at(40), _at(50)])
+    assert G.knn_predict(far, torch.tensor([0, 0, 1, 1, 1]), torch.tensor([_at(1)])).tolist() == [1]
     # Cosine, not Euclidean: scaling a training point changes nothing. Queries 12°, 170° with
     # labels 0, 2 and k = 3 -> predictions 0, 1 -> 50%.
     assert G.knn_predict(train, labels, q[[0, 2]], k=3).tolist() == [0, 1]
@@ -1353,7 +1357,8 @@ def _softmax_regression(feats, labels, c, epochs, m, base_lr, seed):
             for g in opt.param_groups:
                 g["lr"] = lo + 0.5 * (hi - lo) * (1 + math.cos(math.pi * step / total))
             logp = (feats[idx] @ W.T + b).log_softmax(-1)
-            loss = -logp[torch.arange(len(idx)), labels[idx]].mean()
+            keep = labels[idx] != -100  # the mean over the labelled samples
+            loss = -logp[torch.arange(len(idx))[keep], labels[idx][keep]].mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -1371,9 +1376,12 @@ def _fit_args(**kw):
     return G.get_args(argv)
 
 
-def test_sr_head_equals_a_softmax_regression_by_hand():
+@pytest.mark.parametrize("unlabelled", [False, True])
+def test_sr_head_equals_a_softmax_regression_by_hand(unlabelled):
     g = torch.Generator().manual_seed(0)
     feats, labels = torch.randn(37, 6, generator=g), torch.randint(0, 4, (37,), generator=g)
+    if unlabelled:  # as segmentation's ignored pixels: each batch's mean is over the labelled
+        labels[::3] = -100
     args = _fit_args(batch_size=8, eval_epochs=3, eval_lr=0.1, seed=2)
     torch.manual_seed(2)
     head = G.fit_head(torch.nn.Linear(6, 4), feats, labels, args, CPU)
