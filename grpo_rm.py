@@ -42,7 +42,8 @@ from torchvision.transforms import v2
 
 # =============================================================================
 # The method: rewards (Eqs. 3-6), advantages (Eq. 2), the clipped objective (Eq. 1, β = 0), θ_old.
-# It needs torch alone (import copy, math, torch, torch.nn.functional as F) and can be copied.
+# It needs torch alone (import copy, math, torch, torch.nn.functional as F) and can be copied
+# whole (make_old and refresh_old use copy).
 
 def uniformity_eq4(p_old, labels):
     return -p_old  # Eq. (4): r_uni_i = -p_i, the GRPO-RM default
@@ -88,17 +89,19 @@ def grpo_rm_loss(logits, old_logits, labels, clip_eps=0.2, uniformity="eq4",
     A = advantages(rewards(logp_old.exp(), y, uniformity, background_penalty))  # Alg. 1, l. 6-7
     # ρ in log space: p_old may underflow to 0 (in bf16 above all), p / p_old would be inf or NaN.
     log_ratio = logp - logp_old  # (N, c) log ρ_i, ρ_i = π_θ(o_i|q) / π_θold(o_i|q)
-    bounded = log_ratio
-    if dual_clip:  # Dual-clip PPO (Ye et al. 2020): for A < 0, max(min(ρA, clip(ρ)A), C·A), i.e.
-        at_most_c = log_ratio.clamp(max=math.log(dual_clip))  # ρ at most C, in log space so that
-        # ρ never overflows (exp(89) does in float32); for A ≥ 0 the clip already stops ρ at 1 + ε
-        # (the same value, no gradient beyond), so bounding ρ there too changes nothing but that.
-        bounded = torch.where(A < 0, at_most_c, log_ratio.clamp(max=math.log1p(clip_eps)))
+    # For A ≥ 0 the clip holds the term at (1 + ε)A once ρ > 1 + ε: bounding ρ there changes no
+    # value and no gradient, and an overflowed ρ (exp(89) in float32) cannot make 0·inf = NaN.
+    # Dual-clip PPO (Ye et al. 2020): for A < 0 the term is max(min(ρA, clip(ρ)A), C·A), i.e. ρ is
+    # bounded at C (in log space too); without it that side is the paper's, unbounded.
+    high = math.log(dual_clip) if dual_clip else math.inf
+    bounded = torch.where(A < 0, log_ratio.clamp(max=high),
+                          log_ratio.clamp(max=math.log1p(clip_eps)))
     ratio = torch.exp(bounded)  # (N, c)
     # Eq. (1): 1/G Σ_i min(ρ_i A_i, clip(ρ_i, 1 - ε, 1 + ε) A_i), G = c; then the mean over q
     J = torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A).mean(-1)  # (N,)
-    if kl_coef:  # PPO's KL penalty (Schulman et al. 2017, Eq. 8) towards θ_old, exact over the c
-        kl = -(logp_old.exp() * log_ratio).sum(-1)  # classes (N,); gradient p - p_old: bounded
+    if kl_coef:  # PPO's KL penalty (Schulman et al. 2017, Eq. 8) towards θ_old, exact over the
+        # c classes; its gradient in the logits, p - p_old, is bounded
+        kl = -(logp_old.exp() * log_ratio).sum(-1)  # (N,)
         J = J - kl_coef * kl
     loss = -(J * keep).sum() / keep.sum().clamp(min=1)
     if not with_diagnostics:
@@ -208,7 +211,7 @@ class Net(nn.Module):
         return self.head(self.features(x))  # (B, c) or (B, c, S, S)
 
 def build_net(backbone, args, num_classes, device):
-    torch.manual_seed(args.seed)  # the same head on every rank
+    torch.manual_seed(args.seed)  # the head's initialisation, reproducible
     if hasattr(backbone, "mask_token"):  # DINOv2's masked pre-training only, never used here
         backbone.mask_token.requires_grad_(False)
     D = backbone.embed_dim
@@ -335,7 +338,7 @@ def lut(pairs, unlisted=-1):
 # COCO-stuff-164k stuffthingmaps store the 182 COCO ids minus one; 11 thing ids are unused.
 COCO_IDS = [i for i in range(182) if i not in {11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90}]
 TABLES = {  # stored mask value -> class
-    "voc": lut([(i, i) for i in range(IGNORE)] + [(IGNORE, IGNORE)]),  # the values are classes
+    "voc": np.arange(256, dtype=np.int16),  # the values are the classes (255: IGNORE)
     "ade20k": lut([(0, IGNORE)] + [(i + 1, i) for i in range(150)]),  # 0 = "other": ignored
     "cocostuff": lut([(r, i) for i, r in enumerate(COCO_IDS)] + [(IGNORE, IGNORE)], IGNORE),
 }
@@ -421,8 +424,9 @@ DATASETS = {
 }
 
 def default_img_size(spec, patch):
-    """The paper's input sizes (its Table 5): a classification image at its native size rounded
-    up to the patch (CIFAR 42, STL-10 98, Tiny-ImageNet 70 for patch 14), else 224; seg 448."""
+    """The paper's input sizes, inferred from its Table 5's FLOPs: a classification image at its
+    native size rounded up to the patch (CIFAR 42, STL-10 98, Tiny-ImageNet 70 for patch 14), else
+    224; segmentation 448."""
     if spec.native:
         return math.ceil(spec.native / patch) * patch
     return 448 if spec.task == "seg" else 224
@@ -441,7 +445,7 @@ def build_data(args, ctx):
     train_eval, test = make("train", False), make("test", False)
     if args.task == "cls":
         num_classes = check_labels(args, train, test)
-    rank0_first(ctx, lambda: check_test_split(args, test, num_classes) if ctx.rank == 0 else 0)
+    rank0_first(ctx, lambda: check_test_split(args, test, num_classes), alone=True)
     if args.subset < 1.0:  # the paper's "10%" rows: a fixed random subset, for post-training only
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
         train = Subset(train, keep[:max(1, round(args.subset * len(train)))].tolist())
@@ -483,12 +487,16 @@ class Ctx:
         return torch.autocast(self.device.type, dtype=torch.bfloat16,
                               enabled=self.amp_dtype == torch.bfloat16)
 
+class Relayed(UserError):
+    """Rank 0's error, raised on the other ranks so that they stop too; rank 0 reports it."""
+
 def setup(args):
     """The device and dtype, and under torchrun the process group: NCCL on GPU, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    if args.batch_size % world:  # every rank finds it, rank 0 says it
+        raise (Relayed if rank else UserError)(f"--batch-size {args.batch_size} is not divisible "
+                                               f"by the {world} processes")
     device = torch.device("cpu")
     backend = args.dist_backend or ("nccl" if args.device == "cuda" else "gloo")
     if args.device == "cuda":
@@ -508,11 +516,9 @@ def setup(args):
     amp_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     return Ctx(rank, world, device, amp_dtype, wait_group)
 
-class Relayed(UserError):
-    """Rank 0's error, raised on the other ranks so that they stop too; rank 0 reports it."""
-
-def rank0_first(ctx, fn):
-    """fn() on rank 0, then on the others, which find its files (a download, the hub cache).
+def rank0_first(ctx, fn, alone=False):
+    """fn() on rank 0, then on the others, which find its files (a download, the hub cache); with
+    alone, on rank 0 only (a check whose verdict the others wait for).
     They wait with a long timeout (NCCL's watchdog never sees the wait) and learn of rank 0's bad
     input from rank 0, instead of dying on its closed socket: one error line, not one a rank."""
     out, error = None, None
@@ -528,18 +534,18 @@ def rank0_first(ctx, fn):
         raise error
     if said[0] is not None:  # rank 0 reports it; here a quiet exit with the same code
         raise Relayed(said[0])
-    return out if ctx.rank == 0 else fn()
+    return out if ctx.rank == 0 or alone else fn()
 
 def lr_range(base, batch_size):
     """Section 4.2: from base·m/256 down to (base/100)·m/256, m the global batch."""
     return base * batch_size / 256, base / 100 * batch_size / 256
 
-def compiled(fn, device):
+def compiled(fn, device, dtype=torch.float32):
     """torch.compile(fn) where the compiler works on this machine (a probe forward and backward
     says so), else fn itself: the same numbers, eagerly. Compiled, the plain loss takes ×2-4 of
     cross-entropy's time on a CPU instead of ×12, and half the memory (results/README.md)."""
     fast = torch.compile(fn, dynamic=True)
-    z = torch.zeros(2, 3, device=device, requires_grad=True)
+    z = torch.zeros(2, 3, device=device, dtype=dtype, requires_grad=True)  # logits as training's
     try:
         fast(z, z.detach(), torch.zeros(2, dtype=torch.long, device=device))[0].backward()
         return fast
@@ -555,7 +561,7 @@ def make_loss(args, ctx):
     return compiled(functools.partial(
         grpo_rm_loss, clip_eps=args.clip_eps, uniformity=args.uniformity, ignore_index=ignore,
         background_penalty=args.background_penalty, dual_clip=args.dual_clip,
-        kl_coef=args.kl_coef, with_diagnostics=True), ctx.device)
+        kl_coef=args.kl_coef, with_diagnostics=True), ctx.device, ctx.amp_dtype)
 
 def train_step(model, old, opt, loss_fn, seg, ctx, x, y):
     """One optimisation step -> [loss, grad norm, *diagnostics], a device tensor: no host sync."""
@@ -599,12 +605,15 @@ def atomic_save(path, write):
 
 # Flags that may change on --resume: they do not change what training computes.
 RESUMABLE = {"out", "resume", "force", "stop_after_epoch", "log_every", "workers", "save_vis",
-             "eval_epochs", "eval_lr", "feature_type", "ms_scales", "eval_memory_gb"}
+             "eval_epochs", "eval_lr", "feature_type", "ms_scales", "eval_memory_gb", "compile",
+             "dist_backend"}
 
-def load_checkpoint(path, args, net, old, opt, sched):
+def load_checkpoint(path, args, world, net, old, opt, sched):
     """-> (the next epoch, the history so far); θ_old as it was (with --old-every K it may date
     from inside the last epoch)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt["world"] != world:  # other shards, augmentation draws and steps an epoch
+        raise UserError(f"--resume: {path} was written by {ckpt['world']} processes, not {world}")
     cfg = vars(args)
     diff = sorted(k for k in set(ckpt["config"]) | set(cfg)
                   if k not in RESUMABLE and ckpt["config"].get(k) != cfg.get(k))
@@ -674,7 +683,7 @@ def train(args, ctx, net, train_set, run_dir):
     model = DDP(net) if ctx.world > 1 else net  # gradients averaged over ranks
     model = torch.compile(model) if args.compile else model
     old_fwd = torch.compile(old) if args.compile and old is not None else old
-    params = [p for p in net.parameters() if p.requires_grad]  # θ_old is not among them
+    params = [p for p in net.parameters() if p.requires_grad]  # DINOv2's mask_token is not
     lr_max, lr_min = lr_range(args.lr, args.batch_size)
     opt = torch.optim.Adam(params, lr=lr_max, weight_decay=0.0, fused=ctx.device.type == "cuda")
     # The same shuffle on every rank (seed, epoch), each rank its share: the global batch is m.
@@ -688,7 +697,7 @@ def train(args, ctx, net, train_set, run_dir):
     hist = {"train_loss": [], "sec_per_epoch": [], "series": {k: [] for k in keys}}
     ckpt, start = os.path.join(run_dir, "ckpt.pt"), 0
     if args.resume and os.path.isfile(ckpt):
-        start, hist = load_checkpoint(ckpt, args, net, old, opt, sched)
+        start, hist = load_checkpoint(ckpt, args, ctx.world, net, old, opt, sched)
         if ctx.rank == 0:
             print(f"resumed from {ckpt}: epoch {start + 1}", flush=True)
     for epoch in range(start, args.epochs):
@@ -698,6 +707,7 @@ def train(args, ctx, net, train_set, run_dir):
         if ctx.rank == 0:
             state = {"model": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1,
                      "sched": sched.state_dict(), "hist": hist, "config": vars(args),
+                     "world": ctx.world,
                      "old": old.state_dict() if old is not None else None}
             atomic_save(ckpt, functools.partial(torch.save, state))
         if args.stop_after_epoch == epoch + 1:
@@ -712,7 +722,7 @@ def train(args, ctx, net, train_set, run_dir):
 # Rank 0 evaluates alone (the other ranks have left): one pass of the frozen backbone over each
 # split, then a fresh head trained on the cached features, so any world size gives one result.
 
-def loader(ds, batch_size, args, ctx):
+def eval_loader(ds, batch_size, args, ctx):
     cuda = ctx.device.type == "cuda"
     return DataLoader(ds, batch_size, num_workers=args.workers, pin_memory=cuda)
 
@@ -724,7 +734,7 @@ def extract(net, ds, args, ctx, n_layers=1, label_size=None, spill=None):
     kernel's cache, which it reclaims: COCO-stuff at 448 px needs that)."""
     feats = labels = None
     i, n, t0 = 0, len(ds), time.time()
-    batches = loader(ds, args.batch_size, args, ctx)
+    batches = eval_loader(ds, args.batch_size, args, ctx)
     for b, (x, y) in enumerate(batches):
         if b % max(1, len(batches) // 5) == 0 and i:  # progress, 5 lines a split
             left = (time.time() - t0) / i * (n - i)
@@ -763,7 +773,7 @@ def fit_head(head, feats, labels, args, ctx, cols=slice(None), ignore_index=-100
     for epoch in range(args.eval_epochs):
         for idx in torch.randperm(len(feats), generator=gen).split(args.batch_size):
             idx = idx.sort().values  # a memory-mapped cache is read front to back
-            x = feats[idx][:, cols].to(ctx.device).float()  # (b, D) or (b, D, h, w)
+            x = feats[idx, cols].to(ctx.device).float()  # (b, D) or (b, D, h, w): those layers
             y = labels[idx].to(ctx.device).long()
             with ctx.amp():
                 logits = head(x)  # (b, c) or (b, c, S, S)
@@ -822,8 +832,8 @@ def evaluate_cls(args, ctx, net, train_eval, test, num_classes, spill):
     with torch.no_grad(), ctx.amp():
         sr = torch.cat([head(f.to(ctx.device).float()).argmax(1).cpu() for f in te_f.split(4096)])
     knn = knn_predict(tr_f.to(ctx.device), tr_y.to(ctx.device), te_f.to(ctx.device)).cpu()
-    return {"sr": 100 * (sr == te_y).double().mean().item(),
-            "knn": 100 * (knn == te_y).double().mean().item()}
+    return {"sr": 100 * (sr == te_y).sum().item() / len(te_y),
+            "knn": 100 * (knn == te_y).sum().item() / len(te_y)}
 
 @torch.no_grad()
 def predict_seg(net, head, x, ms, args, ctx):
@@ -857,9 +867,11 @@ def evaluate_seg(args, ctx, net, train_eval, test, num_classes, run_dir, spill):
         heads[ft] = fit_head(head.to(ctx.device), tr_f, tr_y, args, ctx, cols, IGNORE)
     del tr_f, tr_y
     conf = {ft: torch.zeros(num_classes, num_classes, dtype=torch.long) for ft in heads}
-    show = np.linspace(0, len(test) - 1, args.save_vis).round().astype(int).tolist()
+    vis = min(args.save_vis, len(test))
+    show = np.linspace(0, len(test) - 1, vis).round().astype(int).tolist()
     pos = 0
-    for x, y in loader(test, 16, args, ctx):  # (16, c, H, W) probabilities: 1.9 GB at 448 px, c 150
+    # 16 images a batch: their (16, c, H, W) probabilities take 1.9 GB at 448 px and c = 150
+    for x, y in eval_loader(test, 16, args, ctx):
         preds = {ft: predict_seg(net, h, x.to(ctx.device), ft == "ms", args, ctx).argmax(1).cpu()
                  for ft, h in heads.items()}  # (B, H, W) each
         for ft, pred in preds.items():
@@ -1125,12 +1137,14 @@ def main(argv=None):
 
 def cli(argv=None):
     """The command line: a bad input is one line on stderr (exit 2), a stop one line (exit 3)."""
+    rank = int(os.environ.get("RANK", "0"))
     try:
         main(argv)
     except UserError as e:
         # A UserError raised in a DataLoader worker arrives wrapped, its traceback as text.
         msg = str(e).strip().splitlines()[-1]
-        if not isinstance(e, Relayed):  # under torchrun rank 0's error is one line, not one a rank
+        quiet = isinstance(e, Relayed) or (isinstance(e, RunStopped) and rank > 0)
+        if not quiet:  # under torchrun rank 0's error is one line, not one a rank
             print(f"error: {msg.split('UserError: ', 1)[-1]}", file=sys.stderr)
         sys.exit(3 if isinstance(e, RunStopped) else 2)
 

@@ -218,7 +218,7 @@ def eager_loss(monkeypatch):
     reference below. (The compiler reorders float32 sums; a term that sits on the clip boundary
     may then flip sides, and Adam turns that into a visible step. test_compiled_loss_equals_eager
     checks the compiled loss against this one.)"""
-    monkeypatch.setattr(G, "compiled", lambda fn, device: fn)
+    monkeypatch.setattr(G, "compiled", lambda fn, *device_dtype: fn)
 
 
 def _run_dir(root, prefix):
@@ -606,6 +606,17 @@ def test_loss_finite_when_old_probs_underflow(dtype):
     loss = G.grpo_rm_loss(new, old, torch.randint(0, 10, (8,), generator=g))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(new.grad.float()).all()
+
+
+def test_overflowing_ratio_of_a_positive_advantage_stays_finite():
+    # The true class (A > 0) had the old log-probability -200 and now has the largest logit: ρ
+    # overflows float32, the clip holds the term at (1 + ε)A, and the paper's form (no dual clip)
+    # must still give a finite loss and gradient (an unbounded ρ would give 0·inf = NaN).
+    old = torch.tensor([[5.0, 0.0, -200.0]])
+    new = torch.tensor([[0.0, 0.0, 1.0]], requires_grad=True)
+    loss = G.grpo_rm_loss(new, old, torch.tensor([2]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(new.grad).all() and new.grad.abs().sum() > 0
 
 
 def test_ignore_index():
@@ -1185,6 +1196,8 @@ def test_ddp_resume(ddp_cls, tmp_path):
     argv = _with_out(argv, tmp_path / "runs")
     stopped, _ = _ddp([*argv, "--stop-after-epoch", "1"], tmp_path / "a")
     assert stopped["result"] is None
+    with pytest.raises(G.UserError, match="written by 2 processes, not 1"):
+        G.main([*argv, "--resume"])  # other shards and draws: refused
     r0, _ = _ddp([*argv, "--resume"], tmp_path / "b")
     assert _max_diff(full["state"], r0["state"]) < 1e-6
     # the per-epoch loss is the mean of the per-step losses (each the mean over ranks), whichever
@@ -1627,6 +1640,7 @@ def test_failing_rank_stops_all(hub, imagefolder, tmp_path):
     (["--batch-size", "0"], "--batch-size"),  # a flag: every rank's argparse refuses it
     (["--hub-repo", "no-such-owner-x/no-such-repo-x"], "offline"),  # rank 0 loads the hub first
     (["--data-dir", "missing"], "--data-dir"),  # rank 0 builds the data first
+    (["--batch-size", "9"], "not divisible by the 2"),  # every rank finds it, rank 0 says it
 ])
 def test_torchrun_bad_input_is_one_line_from_rank_0(hub, imagefolder, tmp_path, bad, needle):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",

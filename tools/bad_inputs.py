@@ -1,6 +1,6 @@
 """Every bad input grpo_rm.py refuses, run as a user would run it: prints a Markdown table of the
-command's flags, its exit code, the number of error lines and tracebacks on stderr, and the error
-line itself (results/README.md holds the table).
+command's flags, its exit code, the number of error lines and of tracebacks on stderr (other
+than torchrun's own report), and the error line (results/README.md holds the table).
 
     python tools/bad_inputs.py --hub-repo HUB --model NAME --data-dir CLS_FOLDER --voc-dir VOC
         [--torchrun]
@@ -11,13 +11,19 @@ torchrun --nproc_per_node=2 (gloo).
 """
 import argparse
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 
+import torch
+
 HERE = os.path.dirname(os.path.abspath(__file__))
+TMP = tempfile.mkdtemp()
+HOME = os.path.expanduser("~")
+NAMES = []  # (a folder given on the command line, its name in the table)
 SCRIPT = os.path.join(HERE, "..", "grpo_rm.py")
 
 # (what, flags added to a small valid run, also under torchrun)
@@ -57,11 +63,28 @@ def call(cmd, timeout=600):
     return p.returncode, p.stderr
 
 
+def scrub(text):
+    """No paths of the machine that ran it: the given folders, the copied data, the repository,
+    the home folder."""
+    for path, name in NAMES + [(TMP, "TMP"), (os.path.dirname(HERE), "REPO"), (HOME, "~")]:
+        text = text.replace(path, name)
+    return text
+
+
 def row(what, flags, rc, err):
+    """One table row. Under torchrun the launcher exits 1 and prints its own ChildFailedError
+    report (a traceback of torch.distributed.run); the ranks' codes are in that report."""
+    err = scrub(err)
+    ranks = dict(re.findall(r"rank\s+:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", err))
+    if ranks:
+        rc = f"{rc} (ranks: {', '.join(ranks[r] for r in sorted(ranks))})"
+    traces = [t for t in err.split("Traceback (most recent call last)")[1:]
+              if "ChildFailedError" not in t]
     lines = [ln for ln in err.splitlines() if ln.startswith("error:") or " error: " in ln]
     msg = lines[0] if lines else (err.strip().splitlines() or ["(nothing)"])[-1]
     msg = msg.replace("|", "\\|")[:240]
-    print(f"| {what} | `{' '.join(flags)}` | {rc} | {len(lines)} | {err.count('Traceback')} | "
+    shown = scrub(" ".join(flags))
+    print(f"| {what} | `{shown}` | {rc} | {len(lines)} | {len(traces)} | "
           f"{msg} |", flush=True)
 
 
@@ -80,12 +103,12 @@ def main():
         p.add_argument(flag, required=True)
     p.add_argument("--torchrun", action="store_true")
     a = p.parse_args()
-    tmp = tempfile.mkdtemp()
+    NAMES.extend([(a.hub_repo, "HUB"), (a.data_dir, "DATA"), (a.voc_dir, "VOC")])
+    tmp = TMP
     data = os.path.join(tmp, "data")
     small_copy(a.data_dir, data)
-    weights = os.path.join(tmp, "bad.pt")
-    with open(weights, "wb") as f:
-        f.write(b"not a state dict")
+    weights = os.path.join(tmp, "other_model.pt")
+    torch.save({"head.weight": torch.zeros(2, 2)}, weights)  # another model's weights
     base = ["--dataset", "imagefolder", "--data-dir", data, "--hub-repo", a.hub_repo, "--model",
             a.model, "--epochs", "1", "--batch-size", "8", "--eval-epochs", "1", "--workers", "0",
             "--device", "cpu", "--img-size", "32", "--out", os.path.join(tmp, "runs")]
