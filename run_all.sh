@@ -174,15 +174,16 @@ mini() {
 # Beyond the paper (README): GRPO-RM at the paper's lr on 2,000 CIFAR-10 images of the miniature's
 # folder (32 px, batch 64, 100 epochs, fp32, evaluated on all 10,000 + 2,000), where the paper's
 # form collapses, beside fine-tuning and the stabilisers: --dual-clip 3, --old-every 1 and 8, and
-# --dual-clip 3 with --kl-coef 1. VARIANTS picks some of them ["ce paper dc3 old1 old8 dc3kl1"].
+# --dual-clip 3 with --kl-coef 1; frozen: the same evaluation of the untouched backbone. VARIANTS
+# picks some of them ["frozen ce paper dc3 old1 old8 dc3kl1"].
 stable() {
   local f=(--img-size 32 --subset 0.2 --batch-size 64 --epochs 100 --eval-lr 1e-3 --dtype fp32)
   local -A flags=([paper]="" [dc3]="--dual-clip 3" [old1]="--old-every 1" [old8]="--old-every 8"
                   [dc3kl1]="--dual-clip 3 --kl-coef 1")
   local seed v
-  for seed in $SEEDS; do for v in ${VARIANTS:-ce paper dc3 old1 old8 dc3kl1}; do
-    if [[ $v == ce ]]; then
-      TAG=stable cls imagefolder cifar10_jpg_mini ce "$seed" "${f[@]}" --workers 1
+  for seed in $SEEDS; do for v in ${VARIANTS:-frozen ce paper dc3 old1 old8 dc3kl1}; do
+    if [[ $v == ce || $v == frozen ]]; then
+      TAG=stable cls imagefolder cifar10_jpg_mini "$v" "$seed" "${f[@]}" --workers 1
     else
       # shellcheck disable=SC2086  # the variant's flags, split on spaces
       TAG=$v cls imagefolder cifar10_jpg_mini grpo-eq4 "$seed" "${f[@]}" --workers 1 ${flags[$v]}
