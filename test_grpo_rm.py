@@ -1437,8 +1437,11 @@ def test_multiscale_inference_undoes_the_flip():
 
 def test_ms_evaluation_reuses_one_post_training(hub, vocfolder, tmp_path):
     both, _ = G.main(seg_args(hub, vocfolder, tmp_path / "a", "--feature-type", "linear,ms"))
-    lin, _ = G.main(seg_args(hub, vocfolder, tmp_path / "b", "--feature-type", "linear"))
+    lin, _ = G.main(seg_args(hub, vocfolder, tmp_path / "b", "--feature-type", "linear",
+                             "--save-vis", "9"))
     assert both["series"] == lin["series"]  # the feature type changes evaluation only
+    vis = _run_dir(tmp_path / "b", "seg-voc-grpo-eq4-s0") / "vis"  # 9 asked, 4 test images
+    assert sorted(os.listdir(vis)) == [f"{i:03d}.png" for i in range(4)]
     assert both["metrics"]["linear"] == pytest.approx(lin["metrics"]["linear"], abs=1e-9)
 
 
