@@ -17,7 +17,8 @@
 #   SCALE      mini only: cpu (subsets; with JOBS=2 OMP_NUM_THREADS=1 on 2 cores about 2.5 hours
 #              for SEEDS="0 1 2", 4 for five seeds) or gpu (whole sets, 50 steps an epoch; CIFAR-10
 #              with five seeds and the lr sweep: about 16 minutes on one H100 with JOBS=6)
-#   SETS       mini only: which of its datasets to run ["cifar10 tinyimagenet camvid"]
+#   SETS       mini and stable: which of their datasets to run ["cifar10 tinyimagenet camvid";
+#              stable: "cifar10"]
 #   JOBS       runs at once [1]; small runs share the cores or the GPU better than one run alone
 #   PYTHON     [python3]
 # A run whose OUT/NAME/result.json exists is skipped and an interrupted run resumes from its
@@ -175,18 +176,31 @@ mini() {
 # folder (32 px, batch 64, 100 epochs, fp32, evaluated on all 10,000 + 2,000), where the paper's
 # form collapses, beside fine-tuning and the stabilisers: --dual-clip 3, --old-every 1 and 8, and
 # --dual-clip 3 with --kl-coef 1; frozen: the same evaluation of the untouched backbone. VARIANTS
-# picks some of them ["frozen ce paper dc3 old1 old8 dc3kl1"].
+# picks some of them ["frozen ce paper dc3 old1 old8 dc3kl1"]. SETS="tinyimagenet" (or both) runs
+# them on the miniature's Tiny-ImageNet instead, at its CPU scale ["cifar10"].
 stable() {
   local f=(--img-size 32 --subset 0.2 --batch-size 64 --epochs 100 --eval-lr 1e-3 --dtype fp32)
+  local tin=(--subset 0.064 --batch-size 20 --epochs 100)
   local -A flags=([paper]="" [dc3]="--dual-clip 3" [old1]="--old-every 1" [old8]="--old-every 8"
                   [dc3kl1]="--dual-clip 3 --kl-coef 1")
   local seed v
   for seed in $SEEDS; do for v in ${VARIANTS:-frozen ce paper dc3 old1 old8 dc3kl1}; do
-    if [[ $v == ce || $v == frozen ]]; then
-      TAG=stable cls imagefolder cifar10_jpg_mini "$v" "$seed" "${f[@]}" --workers 1
-    else
-      # shellcheck disable=SC2086  # the variant's flags, split on spaces
-      TAG=$v cls imagefolder cifar10_jpg_mini grpo-eq4 "$seed" "${f[@]}" --workers 1 ${flags[$v]}
+    if [[ " ${SETS:-cifar10} " == *" cifar10 "* ]]; then
+      if [[ $v == ce || $v == frozen ]]; then
+        TAG=stable cls imagefolder cifar10_jpg_mini "$v" "$seed" "${f[@]}" --workers 1
+      else
+        # shellcheck disable=SC2086  # the variant's flags, split on spaces
+        TAG=$v cls imagefolder cifar10_jpg_mini grpo-eq4 "$seed" "${f[@]}" --workers 1 ${flags[$v]}
+      fi
+    fi
+    if [[ " ${SETS:-cifar10} " == *" tinyimagenet "* ]]; then
+      if [[ $v == ce || $v == frozen ]]; then
+        TAG= cls tinyimagenet tiny-imagenet-200-mini "$v" "$seed" "${tin[@]}" --workers 1
+      else
+        # shellcheck disable=SC2086
+        TAG=$v cls tinyimagenet tiny-imagenet-200-mini grpo-eq4 "$seed" "${tin[@]}" --workers 1 \
+          ${flags[$v]}
+      fi
     fi
   done; done
 }
