@@ -494,9 +494,6 @@ def setup(args):
     """The device and dtype, and under torchrun the process group: NCCL on GPU, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if args.batch_size % world:  # every rank finds it, rank 0 says it
-        raise (Relayed if rank else UserError)(f"--batch-size {args.batch_size} is not divisible "
-                                               f"by the {world} processes")
     device = torch.device("cpu")
     backend = args.dist_backend or ("nccl" if args.device == "cuda" else "gloo")
     if args.device == "cuda":
@@ -1097,6 +1094,9 @@ def get_args(argv=None):
         p.error(f"--task {args.task}: --dataset {args.dataset} is a {spec.task} dataset")
     args.task, seg = spec.task, spec.task == "seg"
     args.batch_size = args.batch_size or (256 if seg else 1024)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun
+    if args.batch_size % world:
+        p.error(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     args.lr = args.lr or (1e-5 if seg else 1e-3)
     args.eval_lr = args.eval_lr or args.lr
     args.hidden = args.hidden or (64 if args.dataset == "voc" else 256)
