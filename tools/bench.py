@@ -141,7 +141,8 @@ def loss_fns(args, ctx):
     latter eagerly and through G.compiled. -> ({name: fn(z, z_old, y) -> (loss, ...)}, compiled)"""
     plain = functools.partial(G.grpo_rm_loss, clip_eps=args.clip_eps, uniformity=args.uniformity,
                               background_penalty=args.background_penalty, with_diagnostics=True,
-                              ignore_index=G.IGNORE if args.task == "seg" else -100)
+                              ignore_index=G.IGNORE if args.task == "seg" else -100,
+                              dual_clip=args.dual_clip, kl_coef=args.kl_coef)
     fast = G.compiled(plain, ctx.device)
     ce = G.make_loss(argparse.Namespace(**{**vars(args), "method": "ce"}), ctx)
     return {"ce": ce, "grpo_eager": plain, "grpo_compiled": fast}, fast is not plain
