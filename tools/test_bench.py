@@ -70,6 +70,19 @@ def test_loss_only(tmp_path, monkeypatch, capsys):
     assert "| 64 x 5 | float32 | grpo_compiled |" in capsys.readouterr().out
 
 
+def test_loss_only_times_the_runs_loss():
+    # --dual-clip and --kl-coef reach the loss that --loss-only times, as they reach training's
+    args = G.get_args(["--dataset", "imagefolder", "--device", "cpu", "--dual-clip", "3",
+                       "--kl-coef", "1"])
+    fns, _ = B.loss_fns(args, G.setup(args))
+    g = torch.Generator().manual_seed(0)
+    z, z_old = 4 * torch.randn(8, 5, generator=g), 4 * torch.randn(8, 5, generator=g)
+    y = torch.randint(0, 5, (8,), generator=g)
+    want = G.grpo_rm_loss(z, z_old, y, dual_clip=3, kl_coef=1)
+    assert fns["grpo_eager"](z, z_old, y)[0].item() == pytest.approx(want.item())
+    assert want.item() != pytest.approx(G.grpo_rm_loss(z, z_old, y).item())  # the flags matter
+
+
 def test_out_of_memory_is_one_error_line(hub, tmp_path, monkeypatch, capsys):
     def oom(*a):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")
