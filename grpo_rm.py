@@ -487,9 +487,6 @@ class Ctx:
         return torch.autocast(self.device.type, dtype=torch.bfloat16,
                               enabled=self.amp_dtype == torch.bfloat16)
 
-class Relayed(UserError):
-    """Rank 0's error, raised on the other ranks so that they stop too; rank 0 reports it."""
-
 def setup(args):
     """The device and dtype, and under torchrun the process group: NCCL on GPU, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -512,6 +509,9 @@ def setup(args):
         wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=12))
     amp_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     return Ctx(rank, world, device, amp_dtype, wait_group)
+
+class Relayed(UserError):
+    """Rank 0's error, raised on the other ranks so that they stop too; rank 0 reports it."""
 
 def rank0_first(ctx, fn, alone=False):
     """fn() on rank 0, then on the others, which find its files (a download, the hub cache); with
