@@ -1006,14 +1006,6 @@ def number(kind, low, high=math.inf, low_open=False):
     parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
     return parse
 
-def listed(text, choices=("linear", "ms")):  # --feature-type linear,ms
-    if not text or not set(text.split(",")) <= set(choices):
-        raise argparse.ArgumentTypeError(f"{text}: one or more of {','.join(choices)}")
-    return text.split(",")
-
-def scales(text):  # --ms-scales 1.0,1.5
-    return [number(float, 0, low_open=True)(v) for v in text.split(",")]
-
 def json_object(text):  # --hub-kwargs '{"pretrained": false}'
     value = json.loads(text)  # argparse: "invalid json_object value" on a ValueError
     if not isinstance(value, dict):
@@ -1068,8 +1060,8 @@ def make_parser():
     a("--hidden", type=pos_int, help="hidden width of the heads; default 256, 64 for voc")
     a("--eval-epochs", type=pos_int, default=50, help="epochs of the head on frozen features")
     a("--eval-lr", type=pos_float, help="the same rule for the evaluation head; default --lr")
-    a("--feature-type", type=listed, default="linear", help="seg evaluation: linear, ms or both")
-    a("--ms-scales", type=scales, default="1.0,1.32,1.73,2.28,3.0", help="test scales of ms")
+    a("--feature-type", nargs="+", choices=["linear", "ms"], default=["linear"], help="seg eval")
+    a("--ms-scales", nargs="+", type=pos_float, default=[1, 1.32, 1.73, 2.28, 3], help="of ms")
     a("--eval-memory-gb", type=number(float, 0), default=8.0, help="features beyond go to disk")
     a("--save-vis", type=number(int, 0), default=0, metavar="K", help="seg: K example PNGs")
     a("--device", choices=["cuda", "cpu"], help="default: cuda when a GPU is visible")

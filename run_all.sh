@@ -78,7 +78,7 @@ seg() {
   local ds=$1 dir=$2 method=$3 seed=$4 subset=$5 m; shift 5
   method_flags "$method"
   run "seg-$ds-$method-sub$subset-s$seed" --dataset "$ds" --data-dir "$DATA_ROOT/$dir" "${m[@]}" \
-    --seed "$seed" --subset "$subset" --feature-type linear,ms --save-vis 8 "$@"
+    --seed "$seed" --subset "$subset" --feature-type linear ms --save-vis 8 "$@"
 }
 CLS_SETS=("cifar10 cifar10" "cifar100 cifar100" "stl10 stl10" "tinyimagenet tiny-imagenet-200" \
           "imagenet imagenet")
@@ -162,7 +162,7 @@ mini() {
     for seed in $SEEDS; do  # the paper's evaluation lr for segmentation, on the frozen backbone
       run "seg-vocfolder-frozen-evallr1e-5-s$seed" --dataset vocfolder --num-classes 11 \
         --data-dir "$DATA_ROOT/camvid_voc" --method frozen --seed "$seed" --img-size 64 \
-        --seg-size 32 "${cam[@]}" --eval-lr 1e-5 --feature-type linear,ms --workers 2
+        --seg-size 32 "${cam[@]}" --eval-lr 1e-5 --feature-type linear ms --workers 2
     done
   fi
   if want cifar10; then

@@ -200,13 +200,13 @@ def seg_args(hub, data, out, *extra):
             "--hub-repo", hub, "--model", "dinov2_vitt_test", "--img-size", "16", "--seg-size",
             "8", "--batch-size", "4",
             "--epochs", "2", "--eval-epochs", "2", "--lr", "0.01", "--workers", "0", "--out",
-            str(out), "--ms-scales", "1.0,1.5", "--device", "cpu", *extra]
+            str(out), "--ms-scales", "1.0", "1.5", "--device", "cpu", *extra]
 
 
 def real_args(data, out, *extra, task="cls"):
     base = (["--dataset", "imagefolder", "--img-size", "28"] if task == "cls" else
             ["--dataset", "voc", "--num-classes", "3", "--img-size", "28", "--seg-size", "8",
-             "--ms-scales", "1.0,1.5"])
+             "--ms-scales", "1.0", "1.5"])
     return [*base, "--data-dir", data, "--hub-repo", DINOV2, "--model", "dinov2_vits14",
             "--hub-kwargs", PIN, "--batch-size", "8", "--epochs", "1", "--eval-epochs", "1",
             "--lr", "0.001", "--workers", "0", "--out", str(out), "--device", "cpu", *extra]
@@ -1113,7 +1113,7 @@ def test_frozen_changes_nothing(hub, imagefolder, tmp_path):
 def test_smoke_seg(hub, vocfolder, tmp_path, monkeypatch, method, device):
     seen = _capture_init(monkeypatch)
     result, net = G.main(seg_args(hub, vocfolder, tmp_path, "--method", method, "--feature-type",
-                                  "linear,ms", "--save-vis", "2", "--device", device))
+                                  "linear", "ms", "--save-vis", "2", "--device", device))
     for k, p in _trainable(net).items():
         assert not torch.equal(_trainable(seen[0])[k].to(p.device), p), f"{k} did not change"
     for ft in ("linear", "ms"):
@@ -1155,7 +1155,7 @@ def test_ddp_equals_one_process(ddp_cls, tmp_path):
 
 
 def test_ddp_seg_equals_one_process(hub, vocfolder, tmp_path):
-    extra = ["--no-augment", "--feature-type", "linear,ms", "--lr", "0.05", *NO_QKV_BIAS]
+    extra = ["--no-augment", "--feature-type", "linear", "ms", "--lr", "0.05", *NO_QKV_BIAS]
     r0, _ = _ddp(seg_args(hub, vocfolder, tmp_path / "runs", *extra), tmp_path / "ddp")
     one, net = G.main(seg_args(hub, vocfolder, tmp_path / "one", *extra))
     assert _max_diff({k: v.cpu() for k, v in net.state_dict().items()}, r0["state"]) < 2e-6
@@ -1436,7 +1436,7 @@ def test_multiscale_inference_undoes_the_flip():
 
 
 def test_ms_evaluation_reuses_one_post_training(hub, vocfolder, tmp_path):
-    both, _ = G.main(seg_args(hub, vocfolder, tmp_path / "a", "--feature-type", "linear,ms"))
+    both, _ = G.main(seg_args(hub, vocfolder, tmp_path / "a", "--feature-type", "linear", "ms"))
     lin, _ = G.main(seg_args(hub, vocfolder, tmp_path / "b", "--feature-type", "linear",
                              "--save-vis", "9"))
     assert both["series"] == lin["series"]  # the feature type changes evaluation only
@@ -1465,7 +1465,7 @@ def test_feature_cache_beyond_the_budget_stays_on_disk(hub, tmp_path):
         _palette_png(np.full((128, 128), i % 3, np.uint8), base / "SegmentationClass" / f"i{i}.png")
     argv = seg_args(hub, str(tmp_path / "voc"), tmp_path, "--method", "frozen", "--img-size", "128",
                     "--hub-kwargs", '{"embed_dim": 256, "patch_size": 8}', "--feature-type",
-                    "linear,ms", "--eval-epochs", "1", "--batch-size", "2", "--ms-scales", "1.0")
+                    "linear", "ms", "--eval-epochs", "1", "--batch-size", "2", "--ms-scales", "1.0")
     peak, done = [0.0], threading.Event()
 
     def sample():
@@ -1539,7 +1539,7 @@ def test_real_dinov2_cls(imagefolder, tmp_path, monkeypatch, method):
 @pytest.mark.parametrize("method", ["grpo", "ce"])
 def test_real_dinov2_seg_linear_and_ms(vocfolder, tmp_path, method):
     result, net = G.main(real_args(vocfolder, tmp_path, "--method", method, "--feature-type",
-                                   "linear,ms", "--batch-size", "4", task="seg"))
+                                   "linear", "ms", "--batch-size", "4", task="seg"))
     m = result["metrics"]
     assert m["linear"]["labelled_pixels"] == m["ms"]["labelled_pixels"] > 0
     assert type(net.backbone).__name__ == "DinoVisionTransformer"
@@ -1689,7 +1689,7 @@ def test_defaults_follow_the_paper():
     ("--clip-eps", "-0.1"), ("--clip-eps", "1.5"), ("--subset", "0"), ("--subset", "1.5"),
     ("--workers", "-1"), ("--log-every", "0"), ("--dual-clip", "1"), ("--old-every", "0"),
     ("--kl-coef", "0"),
-    ("--num-classes", "1"), ("--ms-scales", "1.0,0"), ("--feature-type", "deep"),
+    ("--num-classes", "1"), ("--ms-scales", "0"), ("--feature-type", "deep"),
     ("--hub-kwargs", "[1]"), ("--batch-size", "x")])
 def test_every_numeric_flag_is_range_checked(flag, bad, capsys):
     with pytest.raises(SystemExit) as stop:

@@ -44,7 +44,7 @@ CASES = [
     ("θ_old refresh every 0 steps", ["--old-every", "0"], False),
     ("not a number", ["--lr", "fast"], False),
     ("bad --hub-kwargs", ["--hub-kwargs", "{oops"], False),
-    ("bad --feature-type", ["--feature-type", "linear,x"], False),
+    ("bad --feature-type", ["--feature-type", "linear", "x"], False),
     ("task of another dataset", ["--task", "seg"], False),
     ("no GPU for --device cuda", ["--device", "cuda"], False),
     ("image size not a multiple of the patch", ["--img-size", "30"], False),
