@@ -864,39 +864,23 @@ def evaluate_seg(args, ctx, net, train_eval, test, num_classes, run_dir, spill):
         heads[ft] = fit_head(head.to(ctx.device), tr_f, tr_y, args, ctx, cols, IGNORE)
     del tr_f, tr_y
     conf = {ft: torch.zeros(num_classes, num_classes, dtype=torch.long) for ft in heads}
-    vis = min(args.save_vis, len(test))
-    show = np.linspace(0, len(test) - 1, vis).round().astype(int).tolist()
-    pos = 0
+    vis = []  # Figure 2's material: the first --save-vis test images, with truth and prediction
     # 16 images a batch: their (16, c, H, W) probabilities take 1.9 GB at 448 px and c = 150
     for x, y in eval_loader(test, 16, args, ctx):
         preds = {ft: predict_seg(net, h, x.to(ctx.device), ft == "ms", args, ctx).argmax(1).cpu()
                  for ft, h in heads.items()}  # (B, H, W) each
         for ft, pred in preds.items():
             conf[ft] += confusion_matrix(pred, y, num_classes)
-        for b in range(len(x)):
-            if pos + b in show:  # Figure 2's material: the first feature type's prediction
-                pred = preds[args.feature_type[0]][b]
-                save_vis(x[b], y[b], pred, f"{run_dir}/vis/{show.index(pos + b):03d}.png")
-        pos += len(x)
+        if len(vis) * 16 < args.save_vis:  # the first feature type's prediction
+            vis.append((x, y, preds[args.feature_type[0]]))
+    if vis:  # uint8 tensors, painted by tools/report.py; label maps keep IGNORE = 255
+        x, y, pred = (torch.cat(t)[:args.save_vis] for t in zip(*vis))
+        img = x * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)  # (K, 3, H, W)
+        vis = {"image": img.clamp(0, 1).mul(255).round().byte(), "truth": y.byte(),
+               "pred": pred.byte()}
+        atomic_save(os.path.join(run_dir, "vis.pt"), functools.partial(torch.save, vis))
     return {ft: segmentation_metrics(cm) | {"labelled_pixels": int(cm.sum())}
             for ft, cm in conf.items()}
-
-def voc_palette():
-    """The Pascal VOC colour map: bit 3j + ch of the class index is bit 7 - j of channel ch."""
-    i = np.arange(256)[:, None]  # (256, 1)
-    pal = np.zeros((256, 3), np.int64)
-    for j in range(8):
-        pal |= ((i >> (3 * j + np.arange(3))) & 1) << (7 - j)
-    return pal.astype(np.uint8)
-
-def save_vis(x, y, pred, path):
-    """Figure 2's material: image | ground truth | prediction, in the VOC palette (255: cream)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
-    img = (x.cpu().float() * std + mean).clamp(0, 1)  # (3, H, W)
-    pal = torch.from_numpy(voc_palette()).float().div(255)  # (256, 3)
-    panels = [img] + [pal[m.long()].permute(2, 0, 1) for m in (y, pred)]  # 3 × (3, H, W)
-    torchvision.utils.save_image(panels, path, nrow=3, padding=0)
 
 
 # =============================================================================
@@ -1063,7 +1047,7 @@ def make_parser():
     a("--feature-type", nargs="+", choices=["linear", "ms"], default=["linear"], help="seg eval")
     a("--ms-scales", nargs="+", type=pos_float, default=[1, 1.32, 1.73, 2.28, 3], help="of ms")
     a("--eval-memory-gb", type=number(float, 0), default=8.0, help="features beyond go to disk")
-    a("--save-vis", type=number(int, 0), default=0, metavar="K", help="seg: K example PNGs")
+    a("--save-vis", type=number(int, 0), default=0, metavar="K", help="seg: K examples, vis.pt")
     a("--device", choices=["cuda", "cpu"], help="default: cuda when a GPU is visible")
     a("--dtype", choices=["bf16", "fp32"], help="autocast dtype; default bf16 on GPU, else fp32")
     a("--dist-backend", choices=["nccl", "gloo"], help="torchrun; default nccl on GPU, else gloo")

@@ -142,8 +142,8 @@ def imagefolder(tmp_path_factory):
 
 
 def _palette_png(label, path):
-    im = Image.fromarray(label.astype(np.uint8), mode="P")
-    im.putpalette(G.voc_palette().flatten().tolist())
+    im = Image.fromarray(label.astype(np.uint8), mode="P")  # as VOC's: the index is the class
+    im.putpalette([v for i in range(256) for v in (i, 255 - i, i // 2)])
     im.save(path)
 
 
@@ -1122,12 +1122,13 @@ def test_smoke_seg(hub, vocfolder, tmp_path, monkeypatch, method, device):
         # (also for multi-scale, which averages scales and flips into one prediction).
         assert m["labelled_pixels"] == 960 and 0 <= m["miou"] <= m["pixel_acc"] <= 100
     run = _run_dir(tmp_path, f"seg-voc-{method}{'-eq4' if method == 'grpo' else ''}-s0")
-    pngs = sorted(os.listdir(run / "vis"))
-    assert pngs == ["000.png", "001.png"] and Image.open(run / "vis" / pngs[0]).size == (48, 16)
-    # K = 2 of the 4 val images, spread out: va0 (label 1 on the right) and va3 (label 2)
-    truth = [np.array(Image.open(run / "vis" / p))[8, 28] for p in pngs]
-    palette = G.voc_palette()
-    assert truth[0].tolist() == palette[1].tolist() and truth[1].tolist() == palette[2].tolist()
+    vis = torch.load(run / "vis.pt", weights_only=True)  # the first K = 2 of the 4 val images
+    test = G.DATASETS["voc"].build(vocfolder, "test", G.seg_transform(16, False), 21)
+    x, y = (torch.stack(t) for t in zip(test[0], test[1]))
+    img = x * torch.tensor(G.STD).view(3, 1, 1) + torch.tensor(G.MEAN).view(3, 1, 1)
+    assert (vis["image"].float() - 255 * img).abs().max() <= 0.5 + 1e-3  # denormalised, uint8
+    assert torch.equal(vis["truth"], y.byte()) and vis["truth"].unique().tolist() == [0, 1, 2, 255]
+    assert vis["pred"].shape == (2, 16, 16) and int(vis["pred"].max()) < 21
     assert result["config"]["background_penalty"] is True and result["config"]["hidden"] == 64
 
 
@@ -1440,8 +1441,8 @@ def test_ms_evaluation_reuses_one_post_training(hub, vocfolder, tmp_path):
     lin, _ = G.main(seg_args(hub, vocfolder, tmp_path / "b", "--feature-type", "linear",
                              "--save-vis", "9"))
     assert both["series"] == lin["series"]  # the feature type changes evaluation only
-    vis = _run_dir(tmp_path / "b", "seg-voc-grpo-eq4-s0") / "vis"  # 9 asked, 4 test images
-    assert sorted(os.listdir(vis)) == [f"{i:03d}.png" for i in range(4)]
+    vis = torch.load(_run_dir(tmp_path / "b", "seg-voc-grpo-eq4-s0") / "vis.pt")
+    assert vis["image"].shape == (4, 3, 16, 16)  # 9 asked, 4 test images
     assert both["metrics"]["linear"] == pytest.approx(lin["metrics"]["linear"], abs=1e-9)
 
 

@@ -532,24 +532,12 @@ def write_curve_csv(path, epoch, ce, gr, clip):
 
 
 def voc_palette():
-    """The Pascal VOC colour map (class bits spread over the high bits of R, G, B), as
-    grpo_rm.py's save_vis paints the label maps (a copy: tools/ must not import grpo_rm)."""
-    pal = np.zeros((256, 3), np.uint8)
-    for i in range(256):
-        c = i
-        for j in range(8):
-            pal[i] |= np.array([c & 1, (c >> 1) & 1, (c >> 2) & 1], np.uint8) << (7 - j)
-            c >>= 3
-    return pal
-
-
-def classes_in(tiles):
-    """The sorted class indices whose palette colours occur in the (3, H, W) uint8 label tiles;
-    colours off the palette (none, in a nearest-resized label map) are no class."""
-    rgb = np.concatenate([t.reshape(3, -1).numpy().T for t in tiles]).astype(np.int64)
-    codes = set(np.unique(rgb @ [65536, 256, 1]).tolist())
-    return [i for i, c in enumerate((voc_palette().astype(np.int64) @ [65536, 256, 1]).tolist())
-            if c in codes]
+    """The Pascal VOC colour map: bit 3j + ch of the class index is bit 7 - j of channel ch."""
+    i = np.arange(256)[:, None]  # (256, 1)
+    pal = np.zeros((256, 3), np.int64)
+    for j in range(8):
+        pal |= ((i >> (3 * j + np.arange(3))) & 1) << (7 - j)
+    return pal.astype(np.uint8)
 
 
 def colour_key(classes, width):
@@ -570,26 +558,27 @@ def colour_key(classes, width):
     return img, "classes: " + ", ".join(labels)
 
 
-def vis_pngs(groups, d):
-    """{method: the --save-vis PNGs of its first seed on dataset d} (none without such a run)."""
-    pngs = {}
+def vis_runs(groups, d):
+    """{method: the vis.pt (--save-vis) of its first seed on dataset d, or None}."""
+    import torch
+    out = {}
     for m in METHODS:
         k = main_key(groups, "seg", d, m)
-        first = groups[k][min(groups[k])]["dir"] if k else None
-        pngs[m] = sorted(glob.glob(os.path.join(first, "vis", "*.png"))) if first else []
-    return pngs
+        path = os.path.join(groups[k][min(groups[k])]["dir"], "vis.pt") if k else ""
+        out[m] = torch.load(path, weights_only=True) if os.path.isfile(path) else None
+    return out
 
 
-def vis_tiles(pngs, i, tile):
-    """Row i of Figure 2 as (3, tile, tile) uint8 tensors. Each PNG is image | truth | prediction:
-    image and truth come from the frozen run's, then every method's prediction."""
-    from torchvision.transforms.functional import pil_to_tensor
-    ims = {m: Image.open(p[i]).convert("RGB") for m, p in pngs.items()}
-    w, h = ims["frozen"].size[0] // 3, ims["frozen"].size[1]
-    crops = [ims["frozen"].crop((0, 0, w, h)), ims["frozen"].crop((w, 0, 2 * w, h))]
-    crops += [ims[m].crop((2 * w, 0, 3 * w, h)) for m in METHODS]
+def vis_tiles(vis, i, tile):
+    """Row i of Figure 2 as (3, tile, tile) uint8 tensors: the frozen run's image and truth, then
+    every method's prediction; label maps in the VOC palette, upsampled by nearest neighbour."""
+    import torch
+    from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+    pal = torch.from_numpy(voc_palette())  # (256, 3)
+    maps = [vis["frozen"]["truth"][i]] + [vis[m]["pred"][i] for m in METHODS]  # (H, W) each
+    tiles = [vis["frozen"]["image"][i]] + [pal[y.long()].permute(2, 0, 1) for y in maps]
     # nearest: a label map must keep its colours
-    return [pil_to_tensor(c.resize((tile, tile), Image.NEAREST)) for c in crops]
+    return [pil_to_tensor(to_pil_image(t).resize((tile, tile), Image.NEAREST)) for t in tiles]
 
 
 def fig2_title(groups, d):
@@ -603,22 +592,23 @@ def fig2_title(groups, d):
 
 
 def figure2(root, groups, tile=160, pad=2):
-    """Figure 2: image | truth | frozen | fine-tuning | GRPO-RM, from the --save-vis PNGs of each
-    method's first seed, tiles upsampled (nearest) to tile px, under column titles, over a key of
-    the classes they show."""
-    # torchvision only here: the tables and Figure 3 need numpy and PIL alone
+    """Figure 2: image | truth | frozen | fine-tuning | GRPO-RM, from the vis.pt (--save-vis) of
+    each method's first seed, tiles upsampled (nearest) to tile px, under column titles, over a
+    key of the classes they show."""
+    # torch only here: the tables and Figure 3 need numpy and PIL alone
     from torchvision.transforms.functional import to_pil_image
     from torchvision.utils import make_grid
     out = []
     for d in sorted({k.data for k in groups if k.task == "seg"}):
-        pngs = vis_pngs(groups, d)
-        n = min(len(p) for p in pngs.values())
-        if not n:
+        vis = vis_runs(groups, d)
+        if None in vis.values():
             continue
-        tiles = [t for i in range(n) for t in vis_tiles(pngs, i, tile)]
+        n = min(len(v["image"]) for v in vis.values())
+        tiles = [t for i in range(n) for t in vis_tiles(vis, i, tile)]
         grid = to_pil_image(make_grid(tiles, nrow=len(FIG2_COLUMNS), padding=pad, pad_value=255))
-        key, key_text = colour_key(classes_in(tiles[j] for j in range(len(tiles)) if j % 5),
-                                   grid.width)
+        shown = [vis["frozen"]["truth"][:n]] + [v["pred"][:n] for v in vis.values()]
+        classes = sorted(set().union(*(y.unique().tolist() for y in shown)))
+        key, key_text = colour_key(classes, grid.width)
         img = Image.new("RGB", (grid.width, FIG2_TOP + grid.height + 8 + key.height), "white")
         img.paste(grid, (0, FIG2_TOP))
         img.paste(key, (0, FIG2_TOP + grid.height + 8))

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -204,59 +205,46 @@ def test_figure3_marks_cut_steps_apart_from_the_curve(tmp_path):
     assert np.flatnonzero(np.isnan(drawn)).tolist() == [1, 21]  # gaps there, values elsewhere
 
 
+def _vis(root, m, image, truth, pred):
+    """A seg run of method m on voc with one --save-vis example of 4 × 4 px: the image in one
+    colour, truth (classes of the top and the bottom half) and prediction (one class)."""
+    _fake_run(root, m, "seg", "voc", m, 0, {"linear": dict.fromkeys(report.SEG_METRICS, 1.0)})
+    y = torch.full((1, 4, 4), truth[0], dtype=torch.uint8)
+    y[:, 2:] = truth[-1]
+    torch.save({"image": torch.tensor(image, dtype=torch.uint8).view(1, 3, 1, 1).expand(1, 3, 4, 4),
+                "truth": y, "pred": torch.full((1, 4, 4), pred, dtype=torch.uint8)},
+               root / m / "vis.pt")
+
+
 def test_figure2_puts_each_method_in_its_column(tmp_path):
-    # one --save-vis PNG per method, image | truth | prediction, 4 px each: image red, truth
-    # green, the prediction a colour per method
-    colours = {"frozen": (0, 0, 255), "ce": (255, 255, 0), "grpo": (0, 255, 255)}
-    for m, colour in colours.items():
-        metrics = {"linear": {"pixel_acc": 1.0, "iou": 1.0, "miou": 1.0}}
-        _fake_run(tmp_path, m, "seg", "voc", m, 0, metrics)
-        os.makedirs(tmp_path / m / "vis")
-        png = np.zeros((4, 12, 3), np.uint8)
-        png[:, :4] = (255, 0, 0)
-        png[:, 4:8] = (0, 255, 0)
-        png[:, 8:] = colour
-        Image.fromarray(png).save(tmp_path / m / "vis" / "000.png")
+    # image red, truth class 1, the prediction a class per method
+    preds = {"frozen": 2, "ce": 3, "grpo": 4}
+    for m, pred in preds.items():
+        _vis(tmp_path, m, (255, 0, 0), (1,), pred)
     text = report.report(str(tmp_path))
     assert "Figure 2 (voc): fig2_voc.png (image | truth | frozen | fine-tuning | GRPO-RM)" in text
     img = np.array(Image.open(tmp_path / "fig2_voc.png").convert("RGB"))
     tile, pad, top = 160, 2, report.FIG2_TOP  # figure2's defaults, under the titles
     assert img.shape[1] == 5 * (tile + pad) + pad and img.shape[0] > top + tile + 2 * pad
-    expected = [(255, 0, 0), (0, 255, 0), *colours.values()]
+    pal = report.voc_palette()
+    expected = [(255, 0, 0), pal[1], *(pal[c] for c in preds.values())]
     for j, colour in enumerate(expected):
         x = pad + (tile + pad) * j
         block = img[top + pad:top + pad + tile, x:x + tile]
         assert np.all(block == colour), j
 
 
-def _fake_vis(root, labels):
-    """A seg run per method on voc with one --save-vis PNG, image | truth | prediction of 4 px
-    each: labels {method: (image colour, truth class(es), predicted class)}."""
-    pal = report.voc_palette()
-    for m, (image, truth, pred) in labels.items():
-        _fake_run(root, m, "seg", "voc", m, 0, {"linear": dict.fromkeys(report.SEG_METRICS, 1.0)})
-        os.makedirs(root / m / "vis")
-        png = np.zeros((4, 12, 3), np.uint8)
-        png[:, :4] = image
-        png[:2, 4:8], png[2:, 4:8] = pal[truth[0]], pal[truth[-1]]
-        png[:, 8:] = pal[pred]
-        Image.fromarray(png).save(root / m / "vis" / "000.png")
-
-
-def test_voc_palette_is_grpo_rms():
+def test_voc_palette_is_vocs():
     pal = report.voc_palette()
     assert pal[[0, 1, 2, 3, 15, 255]].tolist() == [
         [0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [192, 128, 128], [224, 224, 192]]
-    sys.path.insert(0, os.path.dirname(os.path.dirname(SCRIPT)))
-    grpo_rm = pytest.importorskip("grpo_rm")
-    assert np.array_equal(pal, grpo_rm.voc_palette())
 
 
 def test_figure2_keys_the_classes_its_label_tiles_show(tmp_path):
     pal = report.voc_palette()
     # the image is painted in class 5's colour: an image is no label map, 5 is no class shown
-    _fake_vis(tmp_path, {"frozen": (pal[5], (1, 255), 2), "ce": (pal[5], (1,), 3),
-                         "grpo": (pal[5], (1,), 2)})
+    for m, truth, pred in (("frozen", (1, 255), 2), ("ce", (1,), 3), ("grpo", (1,), 2)):
+        _vis(tmp_path, m, pal[5].tolist(), truth, pred)
     report.report(str(tmp_path))
     png = Image.open(tmp_path / "fig2_voc.png")
     assert png.text["Title"] == ("Figure 2: voc\nfine-tuning lr 0.001, GRPO-RM lr 0.001, "
