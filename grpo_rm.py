@@ -435,12 +435,10 @@ def build_data(args, ctx):
     """-> (num_classes, the post-training set, the train and test sets of the evaluation)."""
     spec, root = DATASETS[args.dataset], args.data_dir
     num_classes = args.num_classes or spec.classes
-    if args.task == "cls":
-        def make(split, augment):
+    def make(split, augment):
+        if args.task == "cls":
             return spec.build(root, split, cls_transform(args.img_size, augment))
-    else:
-        def make(split, augment):
-            return spec.build(root, split, seg_transform(args.img_size, augment), num_classes)
+        return spec.build(root, split, seg_transform(args.img_size, augment), num_classes)
     train = rank0_first(ctx, lambda: make("train", args.augment))  # rank 0 downloads
     train_eval, test = make("train", False), make("test", False)
     if args.task == "cls":
