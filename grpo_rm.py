@@ -862,17 +862,17 @@ def evaluate_seg(args, ctx, net, train_eval, test, num_classes, run_dir, spill):
         heads[ft] = fit_head(head.to(ctx.device), tr_f, tr_y, args, ctx, cols, IGNORE)
     del tr_f, tr_y
     conf = {ft: torch.zeros(num_classes, num_classes, dtype=torch.long) for ft in heads}
-    vis = []  # Figure 2's material: the first --save-vis test images, with truth and prediction
+    shown = []  # Figure 2's material: the first --save-vis test images, truth and prediction
     # 16 images a batch: their (16, c, H, W) probabilities take 1.9 GB at 448 px and c = 150
     for x, y in eval_loader(test, 16, args, ctx):
         preds = {ft: predict_seg(net, h, x.to(ctx.device), ft == "ms", args, ctx).argmax(1).cpu()
                  for ft, h in heads.items()}  # (B, H, W) each
         for ft, pred in preds.items():
             conf[ft] += confusion_matrix(pred, y, num_classes)
-        if len(vis) * 16 < args.save_vis:  # the first feature type's prediction
-            vis.append((x, y, preds[args.feature_type[0]]))
-    if vis:  # uint8 tensors, painted by tools/report.py; label maps keep IGNORE = 255
-        x, y, pred = (torch.cat(t)[:args.save_vis] for t in zip(*vis))
+        if sum(len(b[0]) for b in shown) < args.save_vis:  # the first feature type's prediction
+            shown.append((x, y, preds[args.feature_type[0]]))
+    if shown:  # uint8 tensors, painted by tools/report.py; label maps keep IGNORE = 255
+        x, y, pred = (torch.cat(t)[:args.save_vis] for t in zip(*shown))
         img = x * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)  # (K, 3, H, W)
         vis = {"image": img.clamp(0, 1).mul(255).round().byte(), "truth": y.byte(),
                "pred": pred.byte()}

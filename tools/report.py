@@ -572,13 +572,13 @@ def vis_runs(groups, d):
 def vis_tiles(vis, i, tile):
     """Row i of Figure 2 as (3, tile, tile) uint8 tensors: the frozen run's image and truth, then
     every method's prediction; label maps in the VOC palette, upsampled by nearest neighbour."""
-    import torch
-    from torchvision.transforms.functional import pil_to_tensor, to_pil_image
-    pal = torch.from_numpy(voc_palette())  # (256, 3)
+    from torchvision.transforms.functional import pil_to_tensor
+    pal = voc_palette()  # (256, 3)
     maps = [vis["frozen"]["truth"][i]] + [vis[m]["pred"][i] for m in METHODS]  # (H, W) each
-    tiles = [vis["frozen"]["image"][i]] + [pal[y.long()].permute(2, 0, 1) for y in maps]
+    tiles = [vis["frozen"]["image"][i].permute(1, 2, 0).numpy()]  # (H, W, 3)
+    tiles += [pal[y.numpy()] for y in maps]  # (H, W, 3) each
     # nearest: a label map must keep its colours
-    return [pil_to_tensor(to_pil_image(t).resize((tile, tile), Image.NEAREST)) for t in tiles]
+    return [pil_to_tensor(Image.fromarray(t).resize((tile, tile), Image.NEAREST)) for t in tiles]
 
 
 def fig2_title(groups, d):
@@ -595,7 +595,7 @@ def figure2(root, groups, tile=160, pad=2):
     """Figure 2: image | truth | frozen | fine-tuning | GRPO-RM, from the vis.pt (--save-vis) of
     each method's first seed, tiles upsampled (nearest) to tile px, under column titles, over a
     key of the classes they show."""
-    # torch only here: the tables and Figure 3 need numpy and PIL alone
+    # torch and torchvision only for Figure 2: the tables and Figure 3 need numpy and PIL
     from torchvision.transforms.functional import to_pil_image
     from torchvision.utils import make_grid
     out = []
