@@ -42,8 +42,8 @@ from torchvision.transforms import v2
 
 # =============================================================================
 # The method: rewards (Eqs. 3-6), advantages (Eq. 2), the clipped objective (Eq. 1, β = 0), θ_old.
-# It needs torch alone (import copy, math, torch, torch.nn.functional as F) and can be copied
-# whole (make_old and refresh_old use copy).
+# It needs torch and the standard library (import copy, math, torch, torch.nn.functional as F)
+# and can be copied whole.
 
 def uniformity_eq4(p_old, labels):
     return -p_old  # Eq. (4): r_uni_i = -p_i, the GRPO-RM default
@@ -89,10 +89,10 @@ def grpo_rm_loss(logits, old_logits, labels, clip_eps=0.2, uniformity="eq4",
     A = advantages(rewards(logp_old.exp(), y, uniformity, background_penalty))  # Alg. 1, l. 6-7
     # ρ in log space: p_old may underflow to 0 (in bf16 above all), p / p_old would be inf or NaN.
     log_ratio = logp - logp_old  # (N, c) log ρ_i, ρ_i = π_θ(o_i|q) / π_θold(o_i|q)
-    # For A ≥ 0 the clip holds the term at (1 + ε)A once ρ > 1 + ε: bounding ρ there changes no
-    # value and no gradient, and an overflowed ρ (exp(89) in float32) cannot make 0·inf = NaN.
-    # Dual-clip PPO (Ye et al. 2020): for A < 0 the term is max(min(ρA, clip(ρ)A), C·A), i.e. ρ is
-    # bounded at C (in log space too); without it that side is the paper's, unbounded.
+    # A ≥ 0: once ρ > 1 + ε the term is (1 + ε)A, so capping ρ at 1 + ε changes no value and no
+    # gradient; it only keeps an overflowed ρ (exp(89) in float32) from making 0·inf = NaN.
+    # A < 0: the paper's term is unbounded in ρ. Dual-clip PPO (Ye et al. 2020) takes
+    # max(min(ρA, clip(ρ)A), C·A) instead, which is the same as capping ρ at C.
     high = math.log(dual_clip) if dual_clip else math.inf
     bounded = torch.where(A < 0, log_ratio.clamp(max=high),
                           log_ratio.clamp(max=math.log1p(clip_eps)))
@@ -111,9 +111,9 @@ def grpo_rm_loss(logits, old_logits, labels, clip_eps=0.2, uniformity="eq4",
 @torch.no_grad()
 def diagnostics(log_ratio, A, logp_old, keep, clip_eps, dual_clip=None):
     """What to watch in a run, over the labelled samples: the fraction of (sample, class) terms
-    the clip cuts off; KL(π_θold || π_θ) = Σ_i p_old,i [(ρ_i - 1) - log ρ_i] = -Σ_i p_old,i log ρ_i
-    (PPO's approx_kl, exact here: the group is the whole class set); the mean and the max of
-    |ρ - 1|; the fraction of terms the dual clip bounds."""
+    the clip cuts off; KL(π_θold || π_θ) = Σ_i p_old,i [(ρ_i - 1) - log ρ_i] = -Σ_i p_old,i log ρ_i,
+    exact over the c classes (PPO code estimates it from sampled actions, as "approx_kl"); the
+    mean and the max of |ρ - 1|; the fraction of terms the dual clip bounds."""
     n, c = keep.sum().clamp(min=1), log_ratio.shape[1]
     ratio, k = log_ratio.exp(), keep[:, None]  # (N, c), (N, 1)
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * A < ratio * A  # (N, c) min took clip
@@ -246,9 +246,9 @@ def read_image(path, mode="RGB"):
 def cls_transform(img_size, augment):
     # Open in the paper: augmentation. Here the lightest standard one: resize the shorter side,
     # crop (random when augmenting, else the centre; a no-op for square images), random flip.
-    crop = [v2.RandomCrop(img_size), v2.RandomHorizontalFlip()]
-    crop = crop if augment else [v2.CenterCrop(img_size)]
-    return v2.Compose([v2.ToImage(), v2.Resize(img_size, interpolation=BICUBIC), *crop,
+    geo = [v2.RandomCrop(img_size), v2.RandomHorizontalFlip()]
+    geo = geo if augment else [v2.CenterCrop(img_size)]
+    return v2.Compose([v2.ToImage(), v2.Resize(img_size, interpolation=BICUBIC), *geo,
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 def seg_transform(img_size, augment):
@@ -405,7 +405,8 @@ class Spec:
     build: Callable      # (root, split, transform[, num_classes]) -> dataset
     classes: int = 0     # the paper's class count (0: read from the data, or --num-classes)
     native: int = 0      # image side in pixels (0: unknown, then 224 for cls and 448 for seg)
-    background: bool = False  # class 0 is background: the segmentation penalty is on
+    background: bool = False  # Open in the paper: which sets get the penalty. Those whose class 0
+    # is "background" (VOC); ADE20k's and COCO-stuff's class 0 is a real class (wall, person)
 
 TV = torchvision.datasets
 CIFAR = dict(train={"train": True}, test={"train": False})
@@ -424,9 +425,9 @@ DATASETS = {
 }
 
 def default_img_size(spec, patch):
-    """The paper's input sizes, inferred from its Table 5's FLOPs: a classification image at its
-    native size rounded up to the patch (CIFAR 42, STL-10 98, Tiny-ImageNet 70 for patch 14), else
-    224; segmentation 448."""
+    """Open in the paper: the input sizes. Table 5's FLOPs fit Tiny-ImageNet at its native 64 px
+    rounded up to the patch (70 for patch 14); CIFAR (42) and STL-10 (98) are taken alike; else
+    224; segmentation 448 (Section 4.2)."""
     if spec.native:
         return math.ceil(spec.native / patch) * patch
     return 448 if spec.task == "seg" else 224
@@ -551,8 +552,11 @@ def compiled(fn, device, dtype=torch.float32):
 def make_loss(args, ctx):
     """-J of Eq. (1) or cross-entropy: fn(logits (N, c), old logits, labels) -> (loss, diag)."""
     ignore = IGNORE if args.task == "seg" else -100
+    def cross_entropy(z, z_old, y):  # the mean over the labelled samples, 0 if there are none
+        loss = F.cross_entropy(z.float(), y, ignore_index=ignore, reduction="sum")
+        return loss / (y != ignore).sum().clamp(min=1), None
     if args.method == "ce":
-        return lambda z, z_old, y: (F.cross_entropy(z.float(), y, ignore_index=ignore), None)
+        return cross_entropy
     return compiled(functools.partial(
         grpo_rm_loss, clip_eps=args.clip_eps, uniformity=args.uniformity, ignore_index=ignore,
         background_penalty=args.background_penalty, dual_clip=args.dual_clip,
@@ -560,8 +564,8 @@ def make_loss(args, ctx):
 
 def train_step(model, old, opt, loss_fn, seg, ctx, x, y):
     """One optimisation step -> [loss, grad norm, *diagnostics], a device tensor: no host sync."""
-    def flat(z):  # (B, c, S, S) -> (B·S·S, c), pixel-major like the labels; a view, as the
-        return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]) if seg else z  # head writes NHWC
+    def flat(z):  # (B, c, S, S) -> (B·S·S, c), pixel-major like the labels; a view, not a
+        return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]) if seg else z  # copy: NHWC memory
 
     x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
     with ctx.amp():
@@ -599,9 +603,9 @@ def atomic_save(path, write):
     os.replace(tmp, path)
 
 # Flags that may change on --resume: they do not change what training computes.
-RESUMABLE = {"out", "resume", "force", "stop_after_epoch", "log_every", "workers", "save_vis",
-             "eval_epochs", "eval_lr", "feature_type", "ms_scales", "eval_memory_gb", "compile",
-             "dist_backend"}
+RESUMABLE = {"out", "name", "resume", "force", "stop_after_epoch", "log_every", "workers",
+             "save_vis", "eval_epochs", "eval_lr", "feature_type", "ms_scales", "eval_memory_gb",
+             "compile", "dist_backend"}
 
 def load_checkpoint(path, args, world, net, old, opt, sched):
     """-> (the next epoch, the history so far); θ_old as it was (with --old-every K it may date
@@ -750,11 +754,9 @@ def extract(net, ds, args, ctx, n_layers=1, label_size=None, spill=None):
     return feats, labels
 
 def host_tensor(shape, dtype, path):
-    """A tensor in RAM, or (path given) backed by a new file and memory-mapped."""
+    """A tensor in RAM, or (path given) memory-mapped from that file, made or grown to fit."""
     if not path:
         return torch.empty(shape, dtype=dtype)
-    if os.path.exists(path):  # left by a killed run
-        os.remove(path)
     return torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
 
 def fit_head(head, feats, labels, args, ctx, cols=slice(None), ignore_index=-100):
@@ -855,7 +857,7 @@ def evaluate_seg(args, ctx, net, train_eval, test, num_classes, run_dir, spill):
     n_layers = 4 if "ms" in args.feature_type else 1
     tr_f, tr_y = extract(net, train_eval, args, ctx, n_layers, args.seg_size, spill)
     heads = {}
-    for ft in args.feature_type:
+    for ft in args.feature_type:  # Open in the paper: the head. Training's, fresh, for each
         torch.manual_seed(args.seed)
         head = SegHead(D * (4 if ft == "ms" else 1), args.hidden, num_classes, args.seg_size)
         cols = slice(None) if ft == "ms" else slice(-D, None)  # linear: the last layer
@@ -1089,7 +1091,7 @@ def get_args(argv=None):
 def run_name(args):
     """Readable parts, then a hash of every flag that sets what is trained: two such runs never
     share a folder (evaluation flags may change on --resume, so they are not in it)."""
-    cfg = {k: v for k, v in vars(args).items() if k not in RESUMABLE | {"name"}}
+    cfg = {k: v for k, v in vars(args).items() if k not in RESUMABLE}
     digest = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:6]
     parts = [args.task, args.dataset, args.method]
     parts += [args.uniformity] if args.method == "grpo" else []
@@ -1115,10 +1117,10 @@ def cli(argv=None):
     try:
         main(argv)
     except UserError as e:
-        # A UserError raised in a DataLoader worker arrives wrapped, its traceback as text.
-        msg = str(e).strip().splitlines()[-1]
         quiet = isinstance(e, Relayed) or (isinstance(e, RunStopped) and rank > 0)
         if not quiet:  # under torchrun rank 0's error is one line, not one a rank
+            # A UserError raised in a DataLoader worker arrives wrapped, its traceback as text.
+            msg = str(e).strip().splitlines()[-1]
             print(f"error: {msg.split('UserError: ', 1)[-1]}", file=sys.stderr)
         sys.exit(3 if isinstance(e, RunStopped) else 2)
 

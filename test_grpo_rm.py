@@ -1052,6 +1052,13 @@ def test_subset_trains_on_a_fixed_subset(hub, imagefolder, tmp_path, monkeypatch
     assert sizes == [6]  # 25% of 24
 
 
+def test_cross_entropy_is_the_mean_over_labelled_pixels():
+    loss = G.make_loss(G.get_args(["--dataset", "voc", "--device", "cpu", "--method", "ce"]), None)
+    z, y = torch.randn(6, 4), torch.tensor([0, 1, 255, 3, 255, 2])
+    assert torch.allclose(loss(z, None, y)[0], F.cross_entropy(z, y, ignore_index=255))
+    assert loss(z, None, torch.full((6,), 255))[0] == 0  # a crop without labels: 0, not NaN
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_smoke_grpo_cls_refreshes_old_each_epoch(hub, imagefolder, tmp_path, monkeypatch, device):
     calls, refresh = [], G.refresh_old
@@ -1667,6 +1674,15 @@ def test_torchrun_cli(hub, vocfolder, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.load(open(_run_dir(tmp_path, "seg-voc-grpo-eq4-s0") / "result.json"))
     assert res["world_size"] == 2 and res["metrics"]["linear"]["labelled_pixels"] == 960
+
+
+def test_other_ranks_exit_quietly_whatever_rank_0_said(monkeypatch, capsys):
+    def fail(argv):
+        raise G.Relayed("")  # rank 0 failed with an empty message (a bare assert)
+    monkeypatch.setattr(G, "main", fail)
+    with pytest.raises(SystemExit) as stop:
+        G.cli([])
+    assert stop.value.code == 2 and capsys.readouterr().err == ""
 
 
 # =============================================================================
