@@ -997,7 +997,7 @@ def json_object(text):  # --hub-kwargs '{"pretrained": false}'
     return value
 
 EXAMPLES = """examples:
-  python grpo_rm.py --dataset cifar10 --data-dir data/cifar10 --epochs 5 --subset 0.1
+  python3 grpo_rm.py --dataset cifar10 --data-dir data/cifar10 --epochs 5 --subset 0.1
   torchrun --nproc_per_node=4 grpo_rm.py --task seg --dataset voc --data-dir data/voc"""
 
 class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

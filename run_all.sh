@@ -4,15 +4,17 @@
 #   bash run_all.sh TARGET      TARGET: table2 table3 table4 table5 table6 fig2 fig3 mini stable all
 #
 # Environment (defaults in brackets):
-#   NPROC      processes (GPUs) per run [4; mini: 1]
-#   DATA_ROOT  the datasets, in the layouts of README.md [data; mini: ../shared/data]:
+#   NPROC      processes (GPUs) per run [4; mini and stable: 1]
+#   DATA_ROOT  the datasets, in the layouts of README.md [data; mini and stable: ../shared/data,
+#              where the miniature's cifar10_jpg_mini/ tiny-imagenet-200-mini/ camvid_voc/ are]:
 #              cifar10/ cifar100/ stl10/ (torchvision), tiny-imagenet-200/, imagenet/{train,val}/,
 #              voc/VOCdevkit/VOC2012/, ade20k/ADEChallengeData2016/, cocostuff/{images,stuffthingmaps}/
-#   OUT        runs go to OUT/NAME/result.json [runs; mini: runs-mini]
+#   OUT        runs go to OUT/NAME/result.json [runs; mini and stable: runs-mini]
 #   SEEDS      seeds of the configurations the paper ran 5 times ["0 1 2 3 4"]; the rows it ran
 #              once (frozen DINOv2, Table 4, Table 6) take the first seed only
-#   HUB_REPO   torch.hub repository [grpo_rm.py's pinned DINOv2 commit; mini: ../shared/hub]
-#   MODEL      hub entry point [dinov2_vits14; mini: dinov2_vitt8_tin]
+#   HUB_REPO   torch.hub repository [grpo_rm.py's pinned DINOv2 commit; mini and stable:
+#              ../shared/hub, the miniature's backbone]
+#   MODEL      hub entry point [dinov2_vits14; mini and stable: dinov2_vitt8_tin]
 #   WEIGHTS    a local weights file for the backbone (offline use)
 #   SCALE      mini only: cpu (subsets; with JOBS=2 OMP_NUM_THREADS=1 on 2 cores about 2.5 hours
 #              for SEEDS="0 1 2", 4 for five seeds) or gpu (whole sets, 50 steps an epoch; CIFAR-10
@@ -23,7 +25,7 @@
 #   PYTHON     [python3]
 # A run whose OUT/NAME/result.json exists is skipped and an interrupted run resumes from its
 # checkpoint (--resume), so an interrupted reproduction picks up where it stopped. Every target
-# ends with the report: python tools/report.py OUT (tables, figures).
+# ends with the report: python3 tools/report.py OUT (tables, figures).
 set -euo pipefail
 cd "$(dirname "$0")"
 

@@ -1719,4 +1719,4 @@ def test_every_numeric_flag_is_range_checked(flag, bad, capsys):
 def test_help_shows_real_defaults_and_examples():
     text = G.make_parser().format_help()
     assert "(default: None)" not in text and "default 1024 (cls), 256 (seg)" in text
-    assert "(default: 100)" in text and "examples:\n  python grpo_rm.py --dataset" in text
+    assert "(default: 100)" in text and "examples:\n  python3 grpo_rm.py --dataset" in text

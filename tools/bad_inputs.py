@@ -2,7 +2,7 @@
 command's flags, its exit code, the number of error lines and of tracebacks on stderr (other
 than torchrun's own report), and the error line (results/README.md holds the table).
 
-    python tools/bad_inputs.py --hub-repo HUB --model NAME --data-dir CLS_FOLDER --voc-dir VOC
+    python3 tools/bad_inputs.py --hub-repo HUB --model NAME --data-dir CLS_FOLDER --voc-dir VOC
         [--torchrun]
 
 CLS_FOLDER is an image folder (train/<class>/*, test/<class>/*), VOC a VOC-layout folder whose

@@ -1,9 +1,9 @@
 """What GRPO-RM costs over fine-tuning (the paper's Table 5) on synthetic batches of a run's shape,
 and its loss alone against cross-entropy.
 
-    python tools/bench.py --dataset voc [grpo_rm.py's run flags] [--steps N --warmup N]
+    python3 tools/bench.py --dataset voc [grpo_rm.py's run flags] [--steps N --warmup N]
     torchrun --standalone --nproc_per_node=4 tools/bench.py --dataset imagenet --batch-size 1024
-    python tools/bench.py --dataset imagefolder --loss-only 65536,21,65536,150 --out OUT
+    python3 tools/bench.py --dataset imagefolder --loss-only 65536,21,65536,150 --out OUT
 
 Writes OUT/bench-{task}-{dataset}-{model}-{img}px-b{batch}-w{world}[-compile].json (Table 5 in
 tools/report.py); --loss-only OUT/loss-*.json (report.py reads each bench-*.json as a Table 5 row).

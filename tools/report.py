@@ -5,7 +5,7 @@ RUNS_DIR/report.md: Tables 2/3/4/5/6 shaped like the paper's, GRPO-RM minus fine
 seed with 95% confidence intervals, every setting of an lr sweep; then Figure 3 (training curves,
 PNG and CSV) and Figure 2 (segmentation examples, PNG) beside it.
 
-    python tools/report.py RUNS_DIR
+    python3 tools/report.py RUNS_DIR
 """
 import argparse
 import glob
