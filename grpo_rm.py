@@ -538,8 +538,8 @@ def lr_range(base, batch_size):
 
 def compiled(fn, device, dtype=torch.float32):
     """torch.compile(fn) where the compiler works on this machine (a probe forward and backward
-    says so), else fn itself: the same numbers, eagerly. Compiled, the plain loss takes ×2-4 of
-    cross-entropy's time on a CPU instead of ×12, and half the memory (results/README.md)."""
+    says so), else fn itself: the same numbers, eagerly. Compiled, the plain loss takes ×3-4 of
+    cross-entropy's time on a CPU, not ×16-20, and a third of the memory (results/README.md)."""
     fast = torch.compile(fn, dynamic=True)
     z = torch.zeros(2, 3, device=device, dtype=dtype, requires_grad=True)  # logits as training's
     try:
