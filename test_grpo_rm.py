@@ -1224,7 +1224,7 @@ def test_exact_resume_at_an_epoch_boundary(hub, imagefolder, tmp_path, extra):
         G.main(cls_args(hub, imagefolder, tmp_path / "b", "--epochs", "3", "--resume", "--lr",
                         "0.5", "--name", run.name, *extra))  # by name: another lr, another hash
     resumed, net_res = G.main(cls_args(hub, imagefolder, tmp_path / "b", "--epochs", "3",
-                                       "--resume", *extra))
+                                       "--resume", "--name", run.name, *extra))  # named now
     assert _max_diff(net_full.state_dict(), net_res.state_dict()) < 1e-6
     assert resumed["metrics"] == full["metrics"] and resumed["series"] == full["series"]
 
