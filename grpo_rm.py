@@ -210,30 +210,22 @@ class Net(nn.Module):
     def forward(self, x):
         return self.head(self.features(x))  # (B, c) or (B, c, S, S)
 
-def build_net(backbone, args, num_classes, device):
-    torch.manual_seed(args.seed)  # the head's initialisation, reproducible
+def build_net(backbone, task, num_classes, hidden, seg_size):
+    """Backbone + a fresh head for the task (seed torch first for a reproducible head)."""
     if hasattr(backbone, "mask_token"):  # DINOv2's masked pre-training only, never used here
         backbone.mask_token.requires_grad_(False)
     D = backbone.embed_dim
-    head = (mlp_head(D, args.hidden, num_classes) if args.task == "cls"
-            else SegHead(D, args.hidden, num_classes, args.seg_size))
-    return Net(backbone, head, args.task).to(device)
+    head = (mlp_head(D, hidden, num_classes) if task == "cls"
+            else SegHead(D, hidden, num_classes, seg_size))
+    return Net(backbone, head, task)
 
 
 # =============================================================================
 # Data: torchvision's datasets and the real on-disk layouts; downloads where they are allowed
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, as DINOv2
-IGNORE = 255  # segmentation "no label" (VOC's 255; ADE20k's 0 and unused COCO ids map to it)
+IGNORE = 255  # segmentation "no label" (VOC's 255; tools/prepare_data.py maps others to it)
 BICUBIC = v2.InterpolationMode.BICUBIC
-URLS = {  # the official archives, fetched into --data-dir when the dataset is not there
-    "tinyimagenet": [("http://cs231n.stanford.edu/tiny-imagenet-200.zip", "")],
-    "ade20k": [("http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip", "")],
-    "cocostuff": [("http://images.cocodataset.org/zips/train2017.zip", "images"),
-                  ("http://images.cocodataset.org/zips/val2017.zip", "images"),
-                  ("http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/"
-                   "stuffthingmaps_trainval2017.zip", "stuffthingmaps")],
-}
 
 def read_image(path, mode="RGB"):
     """An image file, converted to mode (a mask keeps its own: mode None)."""
@@ -261,13 +253,14 @@ def seg_transform(img_size, augment):
     dtypes = {tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}
     return v2.Compose([*geo, v2.ToDtype(dtypes, scale=True), v2.Normalize(MEAN, STD)])
 
-def with_download(root, what, get, allowed=True):
-    """get(download): a torchvision dataset, downloaded only when it is not on disk yet."""
+def with_download(root, what, get, hint=None):
+    """get(download): a torchvision dataset, downloaded only when it is not on disk yet; with a
+    hint (the command that makes it), never downloaded."""
     try:
         return get(False)
     except RuntimeError:  # torchvision: "Dataset not found or corrupted": downloaded below
-        if not allowed:
-            raise UserError(f"--data-dir {root}: no {what} there") from None
+        if hint:
+            raise UserError(f"--data-dir {root}: no {what} there; {hint}") from None
     except OSError as e:  # there, but incomplete: a split list is missing
         raise UserError(f"--data-dir {root}: {e}") from None
     try:
@@ -276,16 +269,8 @@ def with_download(root, what, get, allowed=True):
         raise UserError(f"--data-dir {root}: no {what} there, and the download failed "
                         f"({type(e).__name__}); offline, put its files there") from None
 
-def archive_root(root, what, nested, marker):
-    """root, or root/nested, holding marker; the official archives are fetched when neither does."""
-    def get(download):
-        for url, sub in URLS[what] if download else []:
-            download_and_extract_archive(url, root, os.path.join(root, sub))
-        for base in (root, os.path.join(root, nested)):
-            if os.path.exists(os.path.join(base, marker)):
-                return base
-        raise RuntimeError(f"no {marker}")
-    return with_download(root, what, get)
+def prepare_hint(name, root):
+    return f"python3 tools/prepare_data.py {name} --data-dir {root} makes it"
 
 def torchvision_set(cls, **splits):
     """CIFAR-10/100, STL-10: torchvision's datasets, downloaded by torchvision when missing."""
@@ -295,60 +280,33 @@ def torchvision_set(cls, **splits):
         return with_download(root, cls.__name__, get)
     return build
 
-def image_folder(root, split, transform):
-    """ImageNet (train/, val/) and any image folder (train/ and test/ or val/, a folder a class).
-    Open in the paper: ImageNet's layout. Here val/ sorted into class folders, as torchvision's."""
-    for sub in (["train"] if split == "train" else ["test", "val"]):
-        if os.path.isdir(os.path.join(root, sub)):
-            try:
-                return torchvision.datasets.ImageFolder(os.path.join(root, sub), transform,
-                                                        loader=read_image)
-            except (FileNotFoundError, RuntimeError) as e:
-                raise UserError(f"--data-dir {root}: {e}") from None
-    raise UserError(f"--data-dir {root}: no {'train/' if split == 'train' else 'test/ or val/'}")
-
-def tiny_imagenet(root, split, transform):
-    """The official tiny-imagenet-200 layout: train/<wnid>/images/*.JPEG (an ImageFolder), and
-    val/images/*.JPEG labelled by val/val_annotations.txt (file, wnid, box)."""
-    base = archive_root(root, "tinyimagenet", "tiny-imagenet-200", "wnids.txt")
-    ds = image_folder(base, "train", transform)
-    if split == "train":
-        return ds
-    try:
-        with open(os.path.join(base, "val", "val_annotations.txt")) as f:
-            rows = [r.split("\t") for r in f.read().splitlines() if r.strip()]
-        ds.samples = [(os.path.join(base, "val", "images", r[0]), ds.class_to_idx[r[1]])
-                      for r in rows]
-    except (OSError, KeyError) as e:
-        raise UserError(f"--data-dir {root}: not a tiny-imagenet-200 folder ({e!r})") from None
-    ds.targets = [y for _, y in ds.samples]
-    return ds
+def image_folder(prepare=None):
+    """ImageNet (train/, val/), Tiny-ImageNet as tools/prepare_data.py leaves it, and any image
+    folder (train/ and val/ or test/, a folder a class). Open in the paper: ImageNet's layout.
+    Here val/ sorted into class folders, as torchvision's ImageNet."""
+    def build(root, split, transform):
+        for sub in (["train"] if split == "train" else ["val", "test"]):
+            if os.path.isdir(os.path.join(root, sub)):
+                try:
+                    return torchvision.datasets.ImageFolder(os.path.join(root, sub), transform,
+                                                            loader=read_image)
+                except (FileNotFoundError, RuntimeError) as e:
+                    raise UserError(f"--data-dir {root}: {e}") from None
+        hint = f"; {prepare_hint(prepare, root)}" if prepare else ""
+        raise UserError(f"--data-dir {root}: no {'train/' if split == 'train' else 'val/ or test/'}"
+                        + hint)
+    return build
 
 def resize_labels(y, size):
     """(B, H, W) label maps -> (B, size, size) by nearest neighbour: never blends two class ids."""
     return F.interpolate(y[:, None].float(), size=(size, size), mode="nearest")[:, 0].to(y.dtype)
 
-def lut(pairs, unlisted=-1):
-    """A 256-entry table from the stored mask value to the class (IGNORE, or -1 = invalid)."""
-    t = np.full(256, unlisted, np.int16)
-    for raw, cls in pairs:
-        t[raw] = cls
-    return t
-
-# COCO-stuff-164k stuffthingmaps store the 182 COCO ids minus one; 11 thing ids are unused.
-COCO_IDS = [i for i in range(182) if i not in {11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90}]
-TABLES = {  # stored mask value -> class
-    "voc": np.arange(256, dtype=np.int16),  # the values are the classes (255: IGNORE)
-    "ade20k": lut([(0, IGNORE)] + [(i + 1, i) for i in range(150)]),  # 0 = "other": ignored
-    "cocostuff": lut([(r, i) for i, r in enumerate(COCO_IDS)] + [(IGNORE, IGNORE)], IGNORE),
-}
-
 class SegFiles(Dataset):
-    """(image, mask) file pairs -> (image (3, S, S), labels (S, S)); palette or grey 8-bit masks
-    mapped to classes by a lookup table; image and mask transformed alike (one crop, one flip)."""
+    """(image, mask) file pairs -> (image (3, S, S), labels (S, S)); the masks (palette or grey
+    8-bit PNGs) hold the classes, IGNORE unlabelled; image and mask transformed alike."""
 
-    def __init__(self, images, masks, table, num_classes, transform):
-        self.images, self.masks, self.table = images, masks, table
+    def __init__(self, images, masks, num_classes, transform):
+        self.images, self.masks = images, masks
         self.num_classes, self.transform = num_classes, transform
 
     def __len__(self):
@@ -356,48 +314,28 @@ class SegFiles(Dataset):
 
     def __getitem__(self, i):
         img = tv_tensors.Image(v2.functional.pil_to_tensor(read_image(self.images[i])))
-        raw = np.array(read_image(self.masks[i], None))  # (H, W) uint8: the stored values
-        if raw.ndim != 2 or raw.dtype != np.uint8:
+        label = np.array(read_image(self.masks[i], None))  # (H, W) uint8: the classes
+        if label.ndim != 2 or label.dtype != np.uint8:
             raise UserError(f"{self.masks[i]}: mask must be a single-channel 8-bit PNG")
-        label = self.table[raw]  # (H, W) int16
-        bad = (label < 0) | ((label >= self.num_classes) & (label != IGNORE))
+        bad = (label >= self.num_classes) & (label != IGNORE)
         if bad.any():
-            raise UserError(f"{self.masks[i]}: label value {raw[bad][0]} is not a class in [0, "
+            raise UserError(f"{self.masks[i]}: label value {label[bad][0]} is not a class in [0, "
                             f"{self.num_classes}) nor {IGNORE} (check --num-classes)")
-        mask = tv_tensors.Mask(torch.from_numpy(label.astype(np.uint8))[None])
+        mask = tv_tensors.Mask(torch.from_numpy(label)[None])
         img, mask = self.transform(img, mask)  # one draw of crop and flip for both
         return img, mask[0]
 
-def voc(download):
-    """Pascal VOC 2012 (VOCdevkit/VOC2012/), found and downloaded by torchvision's
-    VOCSegmentation; vocfolder is any set in that layout, never downloaded."""
+def voc(download=False, prepare=None):
+    """Pascal VOC 2012's layout (VOCdevkit/VOC2012/), listed by torchvision's VOCSegmentation:
+    VOC itself (downloaded), ADE20k and COCO-stuff as tools/prepare_data.py leaves them, and any
+    set in that layout (vocfolder)."""
     def build(root, split, transform, c):
         image_set = "train" if split == "train" else "val"
         get = lambda d: torchvision.datasets.VOCSegmentation(root, "2012", image_set, download=d)
-        ds = with_download(root, "VOCdevkit/VOC2012", get, allowed=download)
-        return SegFiles(ds.images, ds.masks, TABLES["voc"], c, transform)
+        hint = None if download else prepare_hint(prepare, root) if prepare else "put it there"
+        ds = with_download(root, "VOCdevkit/VOC2012", get, hint)
+        return SegFiles(ds.images, ds.masks, c, transform)
     return build
-
-def folder_pairs(root, image_dir, mask_dir, table, c, transform):
-    """*.jpg in image_dir, each with its mask <stem>.png in mask_dir."""
-    names = sorted(os.listdir(image_dir)) if os.path.isdir(image_dir) else []
-    images = [os.path.join(image_dir, f) for f in names if f.endswith(".jpg")]
-    if not images:
-        raise UserError(f"--data-dir {root}: no images found ({image_dir})")
-    masks = [os.path.join(mask_dir, os.path.basename(f)[:-4] + ".png") for f in images]
-    return SegFiles(images, masks, table, c, transform)
-
-def ade20k(root, split, transform, c):  # ADEChallengeData2016/{images,annotations}/<split>/
-    base = archive_root(root, "ade20k", "ADEChallengeData2016", "images")
-    d = "training" if split == "train" else "validation"
-    return folder_pairs(root, os.path.join(base, "images", d), os.path.join(base, "annotations", d),
-                        TABLES["ade20k"], c, transform)
-
-def cocostuff(root, split, transform, c):  # {images,stuffthingmaps}/{train2017,val2017}/
-    base = archive_root(root, "cocostuff", "", "stuffthingmaps")
-    d = "train2017" if split == "train" else "val2017"
-    return folder_pairs(root, os.path.join(base, "images", d),
-                        os.path.join(base, "stuffthingmaps", d), TABLES["cocostuff"], c, transform)
 
 @dataclass(frozen=True)
 class Spec:
@@ -415,13 +353,13 @@ DATASETS = {
     "cifar10": Spec("cls", torchvision_set(TV.CIFAR10, **CIFAR), 10, 32),
     "cifar100": Spec("cls", torchvision_set(TV.CIFAR100, **CIFAR), 100, 32),
     "stl10": Spec("cls", torchvision_set(TV.STL10, **STL), 10, 96),
-    "tinyimagenet": Spec("cls", tiny_imagenet, 200, 64),
-    "imagenet": Spec("cls", image_folder, 1000),  # not downloaded: its licence
-    "imagefolder": Spec("cls", image_folder),  # any image folder; classes from its folders
+    "tinyimagenet": Spec("cls", image_folder("tinyimagenet"), 200, 64),
+    "imagenet": Spec("cls", image_folder(), 1000),  # not downloaded: its licence
+    "imagefolder": Spec("cls", image_folder()),  # any image folder; classes from its folders
     "voc": Spec("seg", voc(download=True), 21, background=True),
-    "ade20k": Spec("seg", ade20k, 150),
-    "cocostuff": Spec("seg", cocostuff, 171),
-    "vocfolder": Spec("seg", voc(download=False)),  # any VOC layout, with --num-classes
+    "ade20k": Spec("seg", voc(prepare="ade20k"), 150),
+    "cocostuff": Spec("seg", voc(prepare="cocostuff"), 171),
+    "vocfolder": Spec("seg", voc()),  # any VOC layout, with --num-classes
 }
 
 def default_img_size(spec, patch):
@@ -434,41 +372,44 @@ def default_img_size(spec, patch):
 
 def build_data(args, ctx):
     """-> (num_classes, the post-training set, the train and test sets of the evaluation)."""
-    spec, root = DATASETS[args.dataset], args.data_dir
+    spec, root, seg = DATASETS[args.dataset], args.data_dir, args.task == "seg"
     num_classes = args.num_classes or spec.classes
     def make(split, augment):
-        if args.task == "cls":
-            return spec.build(root, split, cls_transform(args.img_size, augment))
-        return spec.build(root, split, seg_transform(args.img_size, augment), num_classes)
+        if seg:
+            return spec.build(root, split, seg_transform(args.img_size, augment), num_classes)
+        return spec.build(root, split, cls_transform(args.img_size, augment))
     train = rank0_first(ctx, lambda: make("train", args.augment))  # rank 0 downloads
     train_eval, test = make("train", False), make("test", False)
-    if args.task == "cls":
-        num_classes = check_labels(args, train, test)
-    rank0_first(ctx, lambda: check_test_split(args, test, num_classes), alone=True)
+    if not seg:
+        num_classes = check_classes(train, test, args.num_classes, root)
+    def check_test():  # on rank 0; the others wait for its verdict
+        top = read_all(test, args.batch_size, args.workers)
+        if seg and not args.num_classes and top + 1 != num_classes:
+            raise UserError(f"--data-dir {root}: its test masks hold classes 0-{top}, not the "
+                            f"{num_classes} of --dataset {args.dataset} (else: --num-classes)")
+    rank0_first(ctx, check_test, alone=True)
     if args.subset < 1.0:  # the paper's "10%" rows: a fixed random subset, for post-training only
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
         train = Subset(train, keep[:max(1, round(args.subset * len(train)))].tolist())
     return num_classes, train, train_eval, test
 
-def check_labels(args, train, test):
+def check_classes(train, test, num_classes, root):
     """The class count of a classification set: its class folders, the same in both splits."""
     if train.classes != test.classes:  # else the test labels would name other classes
-        raise UserError(f"--data-dir {args.data_dir}: the test/val classes differ from train/")
-    if args.num_classes not in (None, len(train.classes)):
-        raise UserError(f"--num-classes {args.num_classes}: --data-dir {args.data_dir} has "
+        raise UserError(f"--data-dir {root}: the test/val classes differ from train/")
+    if num_classes not in (None, len(train.classes)):
+        raise UserError(f"--num-classes {num_classes}: --data-dir {root} has "
                         f"{len(train.classes)} classes")
     return len(train.classes)
 
-def check_test_split(args, test, num_classes):
-    """Every test image (and mask) read before training, where it is cheap: a bad file found only
-    in the evaluation would cost the run. Masks hold the dataset's classes, unless --num-classes."""
+def read_all(ds, batch_size, workers):
+    """Every image (and mask) of ds read once, where it is cheap: a bad test file found only in
+    the evaluation would cost the run. -> the highest class in the masks (-1: none, or cls)."""
     top = -1
-    for _, y in DataLoader(test, args.batch_size, num_workers=args.workers):
-        if args.task == "seg":  # the highest class of the masks
+    for _, y in DataLoader(ds, batch_size, num_workers=workers):
+        if y.dim() > 1:  # masks
             top = max(top, int(y.masked_fill(y == IGNORE, -1).max()))
-    if args.task == "seg" and not args.num_classes and top + 1 != num_classes:
-        raise UserError(f"--data-dir {args.data_dir}: its test masks hold classes 0-{top}, not the "
-                        f"{num_classes} of --dataset {args.dataset} (else: --num-classes)")
+    return top
 
 
 # =============================================================================
@@ -476,29 +417,30 @@ def check_test_split(args, test, num_classes):
 
 @dataclass
 class Ctx:
+    """The process: its rank among world, its device, the autocast dtype (bf16 or float32)."""
     rank: int
     world: int
     device: torch.device
-    amp_dtype: torch.dtype  # bfloat16 or float32
+    dtype: torch.dtype
     wait_group: object = None  # a gloo group for long waits (downloads, the hub cache)
 
-    def amp(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16,
-                              enabled=self.amp_dtype == torch.bfloat16)
+def autocast(device, dtype):
+    """bf16 autocast (float32 weights and optimizer), or nothing for float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
-def setup(args):
+def setup(device, dtype, backend=None):
     """The device and dtype, and under torchrun the process group: NCCL on GPU, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cpu")
-    backend = args.dist_backend or ("nccl" if args.device == "cuda" else "gloo")
-    if args.device == "cuda":
+    backend = backend or ("nccl" if device == "cuda" else "gloo")
+    dev = torch.device("cpu")
+    if device == "cuda":
         gpus = torch.cuda.device_count()
         if backend == "nccl" and local >= gpus:
             raise UserError(f"--nproc_per_node: more processes than the {gpus} GPUs; NCCL needs "
                             "one GPU each (--dist-backend gloo shares them)")
-        device = torch.device("cuda", local % gpus)
-        torch.cuda.set_device(device)
+        dev = torch.device("cuda", local % gpus)
+        torch.cuda.set_device(dev)
         # Open in the paper: TF32. Matrix products under --dtype fp32 use TF32 on GPUs that have it.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     wait_group = None
@@ -506,8 +448,7 @@ def setup(args):
         if not dist.is_initialized():
             dist.init_process_group(backend)  # env:// from torchrun
         wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=12))
-    amp_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    return Ctx(rank, world, device, amp_dtype, wait_group)
+    return Ctx(rank, world, dev, torch.bfloat16 if dtype == "bf16" else torch.float32, wait_group)
 
 class Relayed(UserError):
     """Rank 0's error, raised on the other ranks so that they stop too; rank 0 reports it."""
@@ -537,38 +478,56 @@ def lr_range(base, batch_size):
     return base * batch_size / 256, base / 100 * batch_size / 256
 
 def compiled(fn, device, dtype=torch.float32):
-    """torch.compile(fn) where the compiler works on this machine (a probe forward and backward
-    says so), else fn itself: the same numbers, eagerly. Compiled, the plain loss takes ×3-4 of
-    cross-entropy's time on a CPU, not ×16-20, and a third of the memory (results/README.md)."""
+    """torch.compile(fn) where the compiler works on this machine, else fn itself: the same
+    numbers, eagerly. A probe forward and backward decides, on logits of training's dtype under
+    its autocast, so that training's first call finds the graph compiled. Compiled, the plain
+    loss takes ×3-4 of cross-entropy's time on a CPU, not ×16-20 (results/README.md)."""
     fast = torch.compile(fn, dynamic=True)
     z = torch.zeros(2, 3, device=device, dtype=dtype, requires_grad=True)  # logits as training's
     try:
-        fast(z, z.detach(), torch.zeros(2, dtype=torch.long, device=device))[0].backward()
+        with autocast(device, dtype):
+            loss = fast(z, z.detach(), torch.zeros(2, dtype=torch.long, device=device))[0]
+        loss.backward()
         return fast
     except Exception as e:  # no C++ compiler or Triton, an unsupported platform
         print(f"torch.compile does not work here ({type(e).__name__}): the loss runs eagerly")
         return fn
 
-def make_loss(args, ctx):
-    """-J of Eq. (1) or cross-entropy: fn(logits (N, c), old logits, labels) -> (loss, diag)."""
-    ignore = IGNORE if args.task == "seg" else -100
-    def cross_entropy(z, z_old, y):  # the mean over the labelled samples, 0 if there are none
-        loss = F.cross_entropy(z.float(), y, ignore_index=ignore, reduction="sum")
-        return loss / (y != ignore).sum().clamp(min=1), None
-    if args.method == "ce":
-        return cross_entropy
-    return compiled(functools.partial(
-        grpo_rm_loss, clip_eps=args.clip_eps, uniformity=args.uniformity, ignore_index=ignore,
-        background_penalty=args.background_penalty, dual_clip=args.dual_clip,
-        kl_coef=args.kl_coef, with_diagnostics=True), ctx.device, ctx.amp_dtype)
+LOSS_FLAGS = ("clip_eps", "uniformity", "background_penalty", "dual_clip", "kl_coef")
 
-def train_step(model, old, opt, loss_fn, seg, ctx, x, y):
-    """One optimisation step -> [loss, grad norm, *diagnostics], a device tensor: no host sync."""
+def make_loss(method, ignore_index, device, dtype=torch.float32, **options):
+    """-J of Eq. (1) (options: grpo_rm_loss's clip_eps, uniformity, background_penalty,
+    dual_clip, kl_coef), or cross-entropy: fn(logits (N, c), old logits, labels) -> (loss, diag)."""
+    def cross_entropy(z, z_old, y):  # the mean over the labelled samples, 0 if there are none
+        loss = F.cross_entropy(z.float(), y, ignore_index=ignore_index, reduction="sum")
+        return loss / (y != ignore_index).sum().clamp(min=1), None
+    if method == "ce":
+        return cross_entropy
+    return compiled(functools.partial(grpo_rm_loss, ignore_index=ignore_index,
+                                      with_diagnostics=True, **options), device, dtype)
+
+def make_models(net, method, world=1, compile=False):
+    """-> (the model trained: DDP-wrapped over several processes, maybe compiled; θ_old, or None
+    for fine-tuning; θ_old's forward, maybe compiled)."""
+    old = make_old(net) if method == "grpo" else None
+    model = DDP(net) if world > 1 else net  # gradients averaged over ranks
+    model = torch.compile(model) if compile else model
+    return model, old, torch.compile(old) if compile and old is not None else old
+
+def make_optimizer(net, lr, batch_size, steps, device):
+    """Adam (no weight decay) and the cosine schedule of Section 4.2 over steps."""
+    params = [p for p in net.parameters() if p.requires_grad]  # DINOv2's mask_token is not
+    lr_max, lr_min = lr_range(lr, batch_size)
+    opt = torch.optim.Adam(params, lr=lr_max, weight_decay=0.0, fused=device.type == "cuda")
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, lr_min)
+
+def train_step(model, old, opt, loss_fn, x, y, seg=False, dtype=torch.float32, world=1):
+    """One optimisation step on a batch on the device -> [loss, grad norm, *diagnostics], a device
+    tensor: no host sync."""
     def flat(z):  # (B, c, S, S) -> (B·S·S, c), pixel-major like the labels; a view, not a
         return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]) if seg else z  # copy: NHWC memory
 
-    x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-    with ctx.amp():
+    with autocast(x.device, dtype):
         old_logits = None
         if old is not None:
             with torch.no_grad():  # π_θold(·|x), Algorithm 1 line 5; first, so that its transient
@@ -577,11 +536,11 @@ def train_step(model, old, opt, loss_fn, seg, ctx, x, y):
         if seg:  # every labelled pixel of the S × S logit map is a sample
             y = resize_labels(y, logits.shape[-1]).reshape(-1)  # (B·S·S,)
         loss, diag = loss_fn(flat(logits), old_logits, y)
-    if seg and ctx.world > 1:  # the mean over every rank's labelled pixels: DDP averages the ranks'
+    if seg and world > 1:  # the mean over every rank's labelled pixels: DDP averages the ranks'
         n = (y != IGNORE).sum().float()  # gradients, so each rank's mean counts by its share
         total = n.clone()
         dist.all_reduce(total)
-        loss = loss * n * ctx.world / total.clamp(min=1)
+        loss = loss * n * world / total.clamp(min=1)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     params = opt.param_groups[0]["params"]
@@ -590,54 +549,65 @@ def train_step(model, old, opt, loss_fn, seg, ctx, x, y):
     row = [loss.detach().float(), gnorm.float()]
     return torch.stack(row + ([] if diag is None else list(diag.float())))
 
-class RunStopped(UserError):
-    """The run stopped before its end (a signal, a non-finite loss): one line, exit code 3."""
+def train(args, ctx, net, train_set, run_dir):
+    """Algorithm 1; with --method ce, standard fine-tuning with the same network and schedule.
+    Returns the history, or None when --stop-after-epoch ended the run early."""
+    # The same shuffle on every rank (seed, epoch), each rank its share: the global batch is m.
+    sampler = DistributedSampler(train_set, ctx.world, ctx.rank, shuffle=True, seed=args.seed)
+    loader = DataLoader(train_set, args.batch_size // ctx.world, sampler=sampler,
+                        num_workers=args.workers, pin_memory=ctx.device.type == "cuda")
+    model, old, old_fwd = make_models(net, args.method, ctx.world, args.compile)
+    opt, sched = make_optimizer(net, args.lr, args.batch_size, args.epochs * len(loader), ctx.device)
+    loss_fn = make_loss(args.method, IGNORE if args.task == "seg" else -100, ctx.device, ctx.dtype,
+                        **{k: getattr(args, k) for k in LOSS_FLAGS})
+    hist, ckpt, start = new_history(old is not None), os.path.join(run_dir, "ckpt.pt"), 0
+    if args.resume and os.path.isfile(ckpt):
+        start, hist = load_checkpoint(ckpt, vars(args), ctx.world, net, old, opt, sched)
+        if ctx.rank == 0:
+            print(f"resumed from {ckpt}: epoch {start + 1}", flush=True)
+    for epoch in range(start, args.epochs):
+        sampler.set_epoch(epoch)
+        torch.manual_seed(args.seed * 100_003 + ctx.rank * 1009 + epoch)  # augmentation draws
+        t0, rows, steps = time.time(), [], len(loader)
+        for i, (x, y) in enumerate(loader):
+            s = epoch * steps + i
+            if old is not None and (s % args.old_every == 0 if args.old_every else i == 0):
+                refresh_old(old, net)  # Algorithm 1, line 3: once an epoch, or every --old-every
+            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+            row = train_step(model, old_fwd, opt, loss_fn, x, y, args.task == "seg", ctx.dtype,
+                             ctx.world)
+            rows.append((s, sched.get_last_lr()[0], row))
+            sched.step()
+            if s % args.log_every == 0 or i == steps - 1:  # the loop's only host syncs
+                flush(rows, hist, ctx.world, epoch, ckpt)
+                if ctx.rank == 0:
+                    progress(hist, epoch, args.epochs, steps, t0, (i + 1) * args.batch_size)
+        hist["train_loss"].append(float(np.mean(hist["series"]["loss"][-steps:])))
+        hist["sec_per_epoch"].append(time.time() - t0)
+        if ctx.rank == 0:
+            save_checkpoint(ckpt, net, old, opt, sched, epoch + 1, hist, vars(args), ctx.world)
+        if args.stop_after_epoch == epoch + 1:
+            if ctx.rank == 0:
+                print(f"stopped after epoch {epoch + 1}; rerun with --resume to go on")
+            return None
+    return hist
 
-def atomic_save(path, write):
-    """Write a temp file in the same folder, fsync, rename: never a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def new_history(grpo):
+    keys = ["step", "lr", "loss", "grad_norm", *(DIAGNOSTICS if grpo else [])]
+    return {"train_loss": [], "sec_per_epoch": [], "series": {k: [] for k in keys}}
 
-# Flags that may change on --resume: they do not change what training computes.
-RESUMABLE = {"out", "name", "resume", "force", "stop_after_epoch", "log_every", "workers",
-             "save_vis", "eval_epochs", "eval_lr", "feature_type", "ms_scales", "eval_memory_gb",
-             "compile", "dist_backend"}
-
-def load_checkpoint(path, args, world, net, old, opt, sched):
-    """-> (the next epoch, the history so far); θ_old as it was (with --old-every K it may date
-    from inside the last epoch)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt["world"] != world:  # other shards, augmentation draws and steps an epoch
-        raise UserError(f"--resume: {path} was written by {ckpt['world']} processes, not {world}")
-    cfg = vars(args)
-    diff = sorted(k for k in set(ckpt["config"]) | set(cfg)
-                  if k not in RESUMABLE and ckpt["config"].get(k) != cfg.get(k))
-    if diff:
-        flags = ", ".join(f"--{k.replace('_', '-')}" for k in diff)
-        raise UserError(f"--resume: {path} was written with other settings ({flags})")
-    net.load_state_dict(ckpt["model"])
-    if old is not None:
-        old.load_state_dict(ckpt["old"])
-    opt.load_state_dict(ckpt["opt"])
-    sched.load_state_dict(ckpt["sched"])
-    return ckpt["epoch"], ckpt["hist"]
-
-def flush(rows, hist, ctx, epoch, ckpt):
+def flush(rows, hist, world, epoch, ckpt):
     """Buffered steps -> hist["series"], the mean over ranks (ratio_dev_max: the max); the training
     loop's only host sync. Stops at a non-finite loss or gradient."""
     steps, lrs = [r[0] for r in rows], [r[1] for r in rows]
     t = torch.stack([r[2] for r in rows])  # (steps, values)
     keys = [k for k in hist["series"] if k not in ("step", "lr")]
-    if ctx.world > 1:
+    if world > 1:
         top = t.clone()
         dist.all_reduce(top, op=dist.ReduceOp.MAX)
         dist.all_reduce(t)
         is_max = torch.tensor([k == "ratio_dev_max" for k in keys], device=t.device)
-        t = torch.where(is_max, top, t / ctx.world)
+        t = torch.where(is_max, top, t / world)
     rows.clear()
     values = dict(zip(keys, t.T.tolist()))
     for s, a, b in zip(steps, values["loss"], values["grad_norm"]):
@@ -659,92 +629,75 @@ def progress(hist, epoch, epochs, per_epoch, t0, n_images):
     line += [f"{n_images / elapsed:.0f} img/s", f"ETA {datetime.timedelta(seconds=round(eta))}"]
     print(" | ".join(line), flush=True)
 
-def run_epoch(epoch, loader, step, sched, hist, args, ctx, ckpt, net, old):
-    """The steps of one epoch; the lr follows the cosine schedule step by step."""
-    t0, rows, per_epoch = time.time(), [], len(loader)
-    for i, (x, y) in enumerate(loader):
-        s = epoch * per_epoch + i
-        if old is not None and (s % args.old_every == 0 if args.old_every else i == 0):
-            refresh_old(old, net)  # Algorithm 1, line 3: once an epoch, or every --old-every steps
-        rows.append((s, sched.get_last_lr()[0], step(x, y)))
-        sched.step()
-        if s % args.log_every == 0 or i == per_epoch - 1:  # the loop's only host syncs
-            flush(rows, hist, ctx, epoch, ckpt)
-            if ctx.rank == 0:
-                progress(hist, epoch, args.epochs, per_epoch, t0, (i + 1) * args.batch_size)
-    hist["train_loss"].append(float(np.mean(hist["series"]["loss"][-per_epoch:])))
-    hist["sec_per_epoch"].append(time.time() - t0)
+class RunStopped(UserError):
+    """The run stopped before its end (a signal, a non-finite loss): one line, exit code 3."""
 
-def train(args, ctx, net, train_set, run_dir):
-    """Algorithm 1; with --method ce, standard fine-tuning with the same network and schedule.
-    Returns the history, or None when --stop-after-epoch ended the run early."""
-    old = make_old(net) if args.method == "grpo" else None
-    model = DDP(net) if ctx.world > 1 else net  # gradients averaged over ranks
-    model = torch.compile(model) if args.compile else model
-    old_fwd = torch.compile(old) if args.compile and old is not None else old
-    params = [p for p in net.parameters() if p.requires_grad]  # DINOv2's mask_token is not
-    lr_max, lr_min = lr_range(args.lr, args.batch_size)
-    opt = torch.optim.Adam(params, lr=lr_max, weight_decay=0.0, fused=ctx.device.type == "cuda")
-    # The same shuffle on every rank (seed, epoch), each rank its share: the global batch is m.
-    sampler = DistributedSampler(train_set, ctx.world, ctx.rank, shuffle=True, seed=args.seed)
-    loader = DataLoader(train_set, args.batch_size // ctx.world, sampler=sampler,
-                        num_workers=args.workers, pin_memory=ctx.device.type == "cuda")
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * len(loader), lr_min)
-    step = functools.partial(train_step, model, old_fwd, opt, make_loss(args, ctx),
-                             args.task == "seg", ctx)
-    keys = ["step", "lr", "loss", "grad_norm", *(DIAGNOSTICS if old is not None else [])]
-    hist = {"train_loss": [], "sec_per_epoch": [], "series": {k: [] for k in keys}}
-    ckpt, start = os.path.join(run_dir, "ckpt.pt"), 0
-    if args.resume and os.path.isfile(ckpt):
-        start, hist = load_checkpoint(ckpt, args, ctx.world, net, old, opt, sched)
-        if ctx.rank == 0:
-            print(f"resumed from {ckpt}: epoch {start + 1}", flush=True)
-    for epoch in range(start, args.epochs):
-        sampler.set_epoch(epoch)
-        torch.manual_seed(args.seed * 100_003 + ctx.rank * 1009 + epoch)  # augmentation draws
-        run_epoch(epoch, loader, step, sched, hist, args, ctx, ckpt, net, old)
-        if ctx.rank == 0:
-            state = {"model": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1,
-                     "sched": sched.state_dict(), "hist": hist, "config": vars(args),
-                     "world": ctx.world,
-                     "old": old.state_dict() if old is not None else None}
-            atomic_save(ckpt, functools.partial(torch.save, state))
-        if args.stop_after_epoch == epoch + 1:
-            if ctx.rank == 0:
-                print(f"stopped after epoch {epoch + 1}; rerun with --resume to go on")
-            return None
-    return hist
+def atomic_save(path, write):
+    """Write a temp file in the same folder, fsync, rename: never a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+# Flags that may change on --resume: they do not change what training computes.
+RESUMABLE = {"out", "name", "resume", "force", "stop_after_epoch", "log_every", "workers",
+             "save_vis", "eval_epochs", "eval_lr", "feature_type", "ms_scales", "eval_memory_gb",
+             "compile", "dist_backend"}
+
+def save_checkpoint(path, net, old, opt, sched, epoch, hist, config, world):
+    state = {"model": net.state_dict(), "old": old.state_dict() if old is not None else None,
+             "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch, "hist": hist,
+             "config": config, "world": world}
+    atomic_save(path, functools.partial(torch.save, state))
+
+def load_checkpoint(path, config, world, net, old, opt, sched):
+    """-> (the next epoch, the history so far); θ_old as it was (with --old-every K it may date
+    from inside the last epoch). Refuses a checkpoint of other settings or another world size."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt["world"] != world:  # other shards, augmentation draws and steps an epoch
+        raise UserError(f"--resume: {path} was written by {ckpt['world']} processes, not {world}")
+    diff = sorted(k for k in set(ckpt["config"]) | set(config)
+                  if k not in RESUMABLE and ckpt["config"].get(k) != config.get(k))
+    if diff:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in diff)
+        raise UserError(f"--resume: {path} was written with other settings ({flags})")
+    net.load_state_dict(ckpt["model"])
+    if old is not None:
+        old.load_state_dict(ckpt["old"])
+    opt.load_state_dict(ckpt["opt"])
+    sched.load_state_dict(ckpt["sched"])
+    return ckpt["epoch"], ckpt["hist"]
 
 
 # =============================================================================
 # Evaluation on frozen features: softmax regression (SR), kNN, pixel accuracy / IoU / mIoU.
-# Rank 0 evaluates alone (the other ranks have left): one pass of the frozen backbone over each
-# split, then a fresh head trained on the cached features, so any world size gives one result.
-
-def eval_loader(ds, batch_size, args, ctx):
-    cuda = ctx.device.type == "cuda"
-    return DataLoader(ds, batch_size, num_workers=args.workers, pin_memory=cuda)
+# One pass of the frozen backbone over each split, then a fresh head trained on the cached
+# features. Rank 0 evaluates alone (the others have left), so any world size gives one result;
+# the functions below take plain values and need no process group.
 
 @torch.no_grad()
-def extract(net, ds, args, ctx, n_layers=1, label_size=None, spill=None):
-    """One pass of the frozen backbone over a split. Features (in the autocast dtype) and labels
-    are cached on the host and reused by every epoch of the evaluation head: in RAM up to
-    --eval-memory-gb, beyond it in files under the folder spill, memory-mapped (pages of the
-    kernel's cache, which it reclaims: COCO-stuff at 448 px needs that)."""
+def extract(features, loader, device, dtype=torch.float32, label_size=None, spill=None,
+            memory_gb=8.0):
+    """One pass of features (a frozen model: images (B, 3, H, W) -> (B, ...)) over a loader of
+    (image, label) -> (features, labels), cached on the host in the autocast dtype, to be reused
+    by every epoch of an evaluation head. Label maps are resized to label_size. Beyond memory_gb
+    they go to files in the folder spill, memory-mapped (pages of the kernel's cache, which it
+    reclaims: COCO-stuff at 448 px needs that)."""
     feats = labels = None
-    i, n, t0 = 0, len(ds), time.time()
-    batches = eval_loader(ds, args.batch_size, args, ctx)
-    for b, (x, y) in enumerate(batches):
-        if b % max(1, len(batches) // 5) == 0 and i:  # progress, 5 lines a split
+    i, n, t0 = 0, len(loader.dataset), time.time()
+    for b, (x, y) in enumerate(loader):
+        if b % max(1, len(loader) // 5) == 0 and i:  # progress, 5 lines a split
             left = (time.time() - t0) / i * (n - i)
             print(f"  features: {i}/{n} images, ETA {datetime.timedelta(seconds=round(left))}",
                   flush=True)
-        with ctx.amp():
-            f = net.features(x.to(ctx.device, non_blocking=True), n_layers).to(ctx.amp_dtype)
+        with autocast(device, dtype):
+            f = features(x.to(device, non_blocking=True)).to(dtype)
         y = y if label_size is None else resize_labels(y, label_size).to(torch.uint8)
         if feats is None:  # the shapes are known now
             per_image = f[0].numel() * f.element_size() + y[0].numel() * y.element_size()
-            on_disk = spill is not None and n * per_image > args.eval_memory_gb * 2**30
+            on_disk = spill is not None and n * per_image > memory_gb * 2**30
             if on_disk:
                 os.makedirs(spill, exist_ok=True)
             feats = host_tensor((n, *f.shape[1:]), f.dtype, on_disk and f"{spill}/feats.bin")
@@ -759,29 +712,31 @@ def host_tensor(shape, dtype, path):
         return torch.empty(shape, dtype=dtype)
     return torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
 
-def fit_head(head, feats, labels, args, ctx, cols=slice(None), ignore_index=-100):
-    """Train a fresh head on cached frozen features: Adam, --eval-epochs epochs, the training lr
-    rule (Section 4.2), cross-entropy over the labelled samples of each batch."""
-    lr_max, lr_min = lr_range(args.eval_lr, args.batch_size)
+def fit_head(head, feats, labels, epochs, batch_size, lr, device, dtype=torch.float32,
+             cols=slice(None), ignore_index=-100, seed=0):
+    """Train a fresh head on cached frozen features (the columns cols of feats): Adam, the
+    training lr rule (Section 4.2: lr per 256 samples, cosine to lr/100), cross-entropy over the
+    labelled samples of each batch. -> the head, in eval mode."""
+    lr_max, lr_min = lr_range(lr, batch_size)
     opt = torch.optim.Adam(head.parameters(), lr=lr_max, weight_decay=0.0)
-    steps = args.eval_epochs * math.ceil(len(feats) / args.batch_size)
+    steps = epochs * math.ceil(len(feats) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, lr_min)
-    gen, t0 = torch.Generator().manual_seed(args.seed), time.time()
-    for epoch in range(args.eval_epochs):
-        for idx in torch.randperm(len(feats), generator=gen).split(args.batch_size):
+    gen, t0 = torch.Generator().manual_seed(seed), time.time()
+    for epoch in range(epochs):
+        for idx in torch.randperm(len(feats), generator=gen).split(batch_size):
             idx = idx.sort().values  # a memory-mapped cache is read front to back
-            x = feats[idx, cols].to(ctx.device).float()  # (b, D) or (b, D, h, w): those layers
-            y = labels[idx].to(ctx.device).long()
-            with ctx.amp():
+            x = feats[idx, cols].to(device).float()  # (b, D) or (b, D, h, w): those layers
+            y = labels[idx].to(device).long()
+            with autocast(device, dtype):
                 logits = head(x)  # (b, c) or (b, c, S, S)
             loss = F.cross_entropy(logits.float(), y, ignore_index=ignore_index, reduction="sum")
             opt.zero_grad(set_to_none=True)
             (loss / (y != ignore_index).sum().clamp(min=1)).backward()  # no NaN if none labelled
             opt.step()
             sched.step()
-        if (epoch + 1) % max(1, args.eval_epochs // 5) == 0:
-            print(f"  evaluation head: epoch {epoch + 1}/{args.eval_epochs}, "
-                  f"{time.time() - t0:.0f} s", flush=True)
+        if (epoch + 1) % max(1, epochs // 5) == 0:
+            print(f"  evaluation head: epoch {epoch + 1}/{epochs}, {time.time() - t0:.0f} s",
+                  flush=True)
     return head.eval()
 
 def knn_predict(train_feats, train_labels, test_feats, k=5, chunk=1024):
@@ -819,68 +774,77 @@ def segmentation_metrics(conf):
             "iou": 100 * ((gt[present] / gt.sum()) * iou).sum().item(),
             "miou": 100 * iou.mean().item()}
 
-def evaluate_cls(args, ctx, net, train_eval, test, num_classes, spill):
-    """-> {"sr", "knn"} in %: a fresh linear head (softmax regression) and kNN, k = 5."""
-    tr_f, tr_y = extract(net, train_eval, args, ctx, spill=spill)
-    te_f, te_y = extract(net, test, args, ctx)
-    torch.manual_seed(args.seed)
-    head = nn.Linear(tr_f.shape[1], num_classes).to(ctx.device)  # SR: softmax regression
-    head = fit_head(head, tr_f, tr_y, args, ctx)
-    with torch.no_grad(), ctx.amp():
-        sr = torch.cat([head(f.to(ctx.device).float()).argmax(1).cpu() for f in te_f.split(4096)])
-    knn = knn_predict(tr_f.to(ctx.device), tr_y.to(ctx.device), te_f.to(ctx.device)).cpu()
+def evaluate_cls(net, train_loader, test_loader, num_classes, device, dtype=torch.float32,
+                 spill=None, memory_gb=8.0, **fit):
+    """-> {"sr", "knn"} in %: a fresh linear head (softmax regression) and kNN, k = 5, on net's
+    frozen features. fit: fit_head's epochs, batch_size, lr and seed."""
+    tr_f, tr_y = extract(net.features, train_loader, device, dtype, spill=spill,
+                         memory_gb=memory_gb)
+    te_f, te_y = extract(net.features, test_loader, device, dtype)
+    torch.manual_seed(fit.get("seed", 0))
+    head = nn.Linear(tr_f.shape[1], num_classes).to(device)  # SR: softmax regression
+    head = fit_head(head, tr_f, tr_y, device=device, dtype=dtype, **fit)
+    with torch.no_grad(), autocast(device, dtype):
+        sr = torch.cat([head(f.to(device).float()).argmax(1).cpu() for f in te_f.split(4096)])
+    knn = knn_predict(tr_f.to(device), tr_y.to(device), te_f.to(device)).cpu()
     return {"sr": 100 * (sr == te_y).sum().item() / len(te_y),
             "knn": 100 * (knn == te_y).sum().item() / len(te_y)}
 
 @torch.no_grad()
-def predict_seg(net, head, x, ms, args, ctx):
-    """Class probabilities (B, c, H, W) at the input resolution. "linear": the last layer at scale
-    1. "ms": the 4-layer head averaged over --ms-scales and horizontal flips, as DINOv2's
-    multi-scale evaluation does. Each view is one backbone pass."""
+def predict_seg(net, head, x, seg_size, ms_scales=(), dtype=torch.float32):
+    """Class probabilities (B, c, H, W) at the input resolution. Without ms_scales ("linear"): the
+    last layer at scale 1. With them ("ms"): the 4-layer head averaged over the scales and
+    horizontal flips, as DINOv2's multi-scale evaluation does. Each view is one backbone pass."""
     H, W = x.shape[-2:]
     p = net.backbone.patch_size
-    views = [(s, flip) for s in args.ms_scales for flip in (False, True)] if ms else [(1, False)]
+    views = [(s, flip) for s in ms_scales for flip in (False, True)] or [(1, False)]
     probs = 0
     for s, flip in views:
         size = (max(p, round(H * s / p) * p), max(p, round(W * s / p) * p))
         xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        with ctx.amp():
-            f = net.features(xs.flip(-1) if flip else xs, 4 if ms else 1)  # (B, n·D, h, w)
-            z = head(f, size=(round(args.seg_size * s),) * 2)  # (B, c, S·s, S·s)
+        with autocast(x.device, dtype):
+            f = net.features(xs.flip(-1) if flip else xs, 4 if ms_scales else 1)  # (B, n·D, h, w)
+            z = head(f, size=(round(seg_size * s),) * 2)  # (B, c, S·s, S·s)
         z = F.interpolate(z.float(), size=(H, W), mode="bilinear", align_corners=False)
         probs = probs + (z.flip(-1) if flip else z).softmax(1)  # the flip undone
     return probs / len(views)
 
-def evaluate_seg(args, ctx, net, train_eval, test, num_classes, run_dir, spill):
-    """-> {feature type: {"pixel_acc", "iou", "miou", "labelled_pixels"}}, a fresh head each."""
-    D = net.backbone.embed_dim
-    n_layers = 4 if "ms" in args.feature_type else 1
-    tr_f, tr_y = extract(net, train_eval, args, ctx, n_layers, args.seg_size, spill)
+def evaluate_seg(net, train_loader, test_loader, num_classes, hidden, seg_size, device,
+                 dtype=torch.float32, feature_types=("linear",), ms_scales=(1.0,), save_vis=0,
+                 spill=None, memory_gb=8.0, **fit):
+    """-> ({feature type: {"pixel_acc", "iou", "miou", "labelled_pixels"}}, the first save_vis
+    test images as uint8 {"image", "truth", "pred"} or None). A fresh SegHead for each feature
+    type: "linear" (the last layer), "ms" (the last 4, multi-scale). fit: fit_head's epochs,
+    batch_size, lr and seed. test_loader: small batches (16 images' probabilities at 448 px and
+    c = 150 take 1.9 GB)."""
+    D, n_layers = net.backbone.embed_dim, 4 if "ms" in feature_types else 1
+    tr_f, tr_y = extract(functools.partial(net.features, n_layers=n_layers), train_loader,
+                         device, dtype, seg_size, spill, memory_gb)
     heads = {}
-    for ft in args.feature_type:  # Open in the paper: the head. Training's, fresh, for each
-        torch.manual_seed(args.seed)
-        head = SegHead(D * (4 if ft == "ms" else 1), args.hidden, num_classes, args.seg_size)
+    for ft in feature_types:  # Open in the paper: the head. Training's, fresh, for each
+        torch.manual_seed(fit.get("seed", 0))
+        head = SegHead(D * (4 if ft == "ms" else 1), hidden, num_classes, seg_size).to(device)
         cols = slice(None) if ft == "ms" else slice(-D, None)  # linear: the last layer
-        heads[ft] = fit_head(head.to(ctx.device), tr_f, tr_y, args, ctx, cols, IGNORE)
+        heads[ft] = fit_head(head, tr_f, tr_y, device=device, dtype=dtype, cols=cols,
+                             ignore_index=IGNORE, **fit)
     del tr_f, tr_y
     conf = {ft: torch.zeros(num_classes, num_classes, dtype=torch.long) for ft in heads}
-    shown = []  # Figure 2's material: the first --save-vis test images, truth and prediction
-    # 16 images a batch: their (16, c, H, W) probabilities take 1.9 GB at 448 px and c = 150
-    for x, y in eval_loader(test, 16, args, ctx):
-        preds = {ft: predict_seg(net, h, x.to(ctx.device), ft == "ms", args, ctx).argmax(1).cpu()
-                 for ft, h in heads.items()}  # (B, H, W) each
+    shown = []  # Figure 2's material: the first save_vis test images, truth and prediction
+    for x, y in test_loader:
+        preds = {ft: predict_seg(net, h, x.to(device), seg_size, ms_scales if ft == "ms" else (),
+                                 dtype).argmax(1).cpu() for ft, h in heads.items()}  # (B, H, W)
         for ft, pred in preds.items():
             conf[ft] += confusion_matrix(pred, y, num_classes)
-        if sum(len(b[0]) for b in shown) < args.save_vis:  # the first feature type's prediction
-            shown.append((x, y, preds[args.feature_type[0]]))
-    if shown:  # uint8 tensors, painted by tools/report.py; label maps keep IGNORE = 255
-        x, y, pred = (torch.cat(t)[:args.save_vis] for t in zip(*shown))
+        if sum(len(b[0]) for b in shown) < save_vis:  # the first feature type's prediction
+            shown.append((x, y, preds[feature_types[0]]))
+    vis = None
+    if shown:  # label maps keep IGNORE = 255
+        x, y, pred = (torch.cat(t)[:save_vis] for t in zip(*shown))
         img = x * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)  # (K, 3, H, W)
         vis = {"image": img.clamp(0, 1).mul(255).round().byte(), "truth": y.byte(),
                "pred": pred.byte()}
-        atomic_save(os.path.join(run_dir, "vis.pt"), functools.partial(torch.save, vis))
     return {ft: segmentation_metrics(cm) | {"labelled_pixels": int(cm.sum())}
-            for ft, cm in conf.items()}
+            for ft, cm in conf.items()}, vis
 
 
 # =============================================================================
@@ -898,21 +862,21 @@ def run(args, ctx):
     args.img_size = args.img_size or default_img_size(DATASETS[args.dataset], patch)
     if args.img_size % patch:
         raise UserError(f"--img-size {args.img_size} is not a multiple of the patch size {patch}")
-    name = args.name or run_name(args)
-    run_dir = os.path.join(args.out, name)
-    finished = earlier_run(args, run_dir)
+    run_dir = os.path.join(args.out, args.name or run_name(args))
+    finished = earlier_run(run_dir, args.resume, args.force)
     if finished:
         return finished, None
     num_classes, train_set, train_eval, test = build_data(args, ctx)
-    net = build_net(backbone, args, num_classes, ctx.device)
+    torch.manual_seed(args.seed)  # the head's initialisation, reproducible
+    net = build_net(backbone, args.task, num_classes, args.hidden, args.seg_size).to(ctx.device)
     try:  # only now: a run that fails before training leaves no folder behind
         os.makedirs(run_dir, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {args.out}: cannot make {run_dir} ({e.strerror})") from None
     if ctx.rank == 0:
-        print(f"{name}: {len(train_set)} train / {len(test)} test images, {num_classes} classes, "
-              f"{args.img_size} px, {ctx.world} process(es) on {ctx.device.type}, "
-              f"{str(ctx.amp_dtype)[6:]}", flush=True)
+        print(f"{os.path.basename(run_dir)}: {len(train_set)} train / {len(test)} test images, "
+              f"{num_classes} classes, {args.img_size} px, {ctx.world} process(es) on "
+              f"{ctx.device.type}, {str(ctx.dtype)[6:]}", flush=True)
 
     def stop(signum, _):
         raise RunStopped(f"stopped by {signal.Signals(signum).name}: rerun with --resume to go "
@@ -929,43 +893,56 @@ def run(args, ctx):
     finally:
         for s, h in before.items():
             signal.signal(s, h)
-    result = {"metrics": metrics, **hist, "eval_seconds": time.time() - t0}
-    return finish(args, ctx, run_dir, net, result)
+    result = {"metrics": metrics, **hist, "eval_seconds": time.time() - t0, "config": vars(args)}
+    return finish(run_dir, net, result, ctx, save_backbone=args.method != "frozen"), net
 
-def earlier_run(args, run_dir):
+def earlier_run(run_dir, resume=False, force=False):
     """A run folder is never silently overwritten: a finished run's result (it is not run again),
-    or a refusal to start over an unfinished one, unless --force."""
+    or a refusal to start over an unfinished one, unless force."""
     done = os.path.join(run_dir, "result.json")
-    if os.path.exists(done) and not args.force:
+    if os.path.exists(done) and not force:
         print(f"{run_dir}: finished already; --force runs it again", flush=True)
         with open(done) as f:
             return json.load(f)
-    if os.path.exists(os.path.join(run_dir, "ckpt.pt")) and not (args.resume or args.force):
+    if os.path.exists(os.path.join(run_dir, "ckpt.pt")) and not (resume or force):
         raise UserError(f"{run_dir} holds an unfinished run: --resume continues it, --force "
                         "starts afresh")
     return None
 
 def evaluate(args, ctx, net, train_eval, test, num_classes, run_dir):
-    """The frozen post-trained backbone under a fresh head -> metrics."""
+    """The frozen post-trained backbone under a fresh head -> metrics; vis.pt with --save-vis."""
     print(f"evaluating: features of {len(train_eval)} + {len(test)} images, then "
           f"{args.eval_epochs} epochs of a fresh head", flush=True)
+    def loader(ds, batch_size):
+        return DataLoader(ds, batch_size, num_workers=args.workers,
+                          pin_memory=ctx.device.type == "cuda")
+    fit = dict(epochs=args.eval_epochs, batch_size=args.batch_size, lr=args.eval_lr, seed=args.seed)
     spill = os.path.join(run_dir, "cache")  # features beyond --eval-memory-gb go here
+    train_loader = loader(train_eval, args.batch_size)
     try:
         if args.task == "cls":
-            return evaluate_cls(args, ctx, net.eval(), train_eval, test, num_classes, spill)
-        return evaluate_seg(args, ctx, net.eval(), train_eval, test, num_classes, run_dir, spill)
+            return evaluate_cls(net.eval(), train_loader, loader(test, args.batch_size),
+                                num_classes, ctx.device, ctx.dtype, spill, args.eval_memory_gb,
+                                **fit)
+        metrics, vis = evaluate_seg(
+            net.eval(), train_loader, loader(test, 16), num_classes, args.hidden, args.seg_size,
+            ctx.device, ctx.dtype, args.feature_type, args.ms_scales, args.save_vis, spill,
+            args.eval_memory_gb, **fit)
     finally:
         shutil.rmtree(spill, ignore_errors=True)
+    if vis:  # uint8 tensors, painted by tools/report.py
+        atomic_save(os.path.join(run_dir, "vis.pt"), functools.partial(torch.save, vis))
+    return metrics
 
-def finish(args, ctx, run_dir, net, result):
+def finish(run_dir, net, result, ctx, save_backbone=True):
     """The post-trained backbone (loadable with --weights), then result.json, last, so that a
-    result on disk means a finished run; the resume state goes. -> (result, net)."""
+    result on disk means a finished run; the resume state goes. -> result."""
     cuda = ctx.device.type == "cuda"
-    result |= {"config": vars(args), "world_size": ctx.world, "torch": torch.__version__,
+    result |= {"world_size": ctx.world, "torch": torch.__version__,
                "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                "device": torch.cuda.get_device_name() if cuda else "cpu",
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if args.method != "frozen":
+    if save_backbone:
         atomic_save(os.path.join(run_dir, "backbone.pt"),
                     functools.partial(torch.save, net.backbone.state_dict()))
     text = json.dumps(result, indent=1).encode()
@@ -973,7 +950,7 @@ def finish(args, ctx, run_dir, net, result):
     if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
         os.remove(os.path.join(run_dir, "ckpt.pt"))
     print(f"{os.path.basename(run_dir)}: {json.dumps(result['metrics'])}", flush=True)
-    return result, net
+    return result
 
 
 # =============================================================================
@@ -1103,7 +1080,7 @@ def run_name(args):
 def main(argv=None):
     """Returns (result, trained Net) of a run."""
     args = get_args(argv)
-    ctx = setup(args)
+    ctx = setup(args.device, args.dtype, args.dist_backend)
     try:
         return run(args, ctx)
     finally:

@@ -1,9 +1,9 @@
 """Tests of grpo_rm.py, in the order of its sections: the method, model, data, training (one
 process, then DDP and resume), evaluation, main and the command line, config. Tools have theirs in
 tools/. No network beyond 127.0.0.1. A tiny torch.hub repository (a ViT with DINOv2's interface)
-and tiny datasets in the real on-disk layouts are built in temporary folders. Where a clone of
-facebookresearch/dinov2 exists (../shared/dinov2, or the folder named by GRPO_RM_DINOV2) the real
-classes are tested too; where a GPU exists the device-parametrised cases also run on CUDA."""
+and tiny datasets in the real on-disk layouts come from conftest.py. Where a clone of
+facebookresearch/dinov2 exists (the folder named by GRPO_RM_DINOV2) the real classes are tested
+too; where a GPU exists the device-parametrised cases also run on CUDA."""
 import copy
 import functools
 import json
@@ -24,167 +24,26 @@ import torch.nn.functional as F
 from PIL import Image
 
 import grpo_rm as G
+from conftest import image, palette_png
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no GPU"))]
 GPU_ONLY = pytest.mark.skipif(not CUDA, reason="a CUDA path: runs where a GPU is visible")
-DINOV2 = os.environ.get("GRPO_RM_DINOV2", os.path.join(HERE, "..", "shared", "dinov2"))
-REAL = pytest.mark.skipif(not os.path.isfile(os.path.join(DINOV2, "hubconf.py")), reason=(
-    "no clone of facebookresearch/dinov2 (../shared/dinov2 or $GRPO_RM_DINOV2)"))
 PIN = '{"pretrained": false}'
 
 
 # =============================================================================
-# Fixtures: a tiny local torch.hub repository, tiny datasets in the real layouts, helpers
+# Fixtures (conftest.py has the shared ones): argument lists, helpers
 
-HUBCONF = '''
-"""A tiny ViT with DINOv2's interface and parameter names (test fixture)."""
-import math, torch, torch.nn as nn, torch.nn.functional as F
-dependencies = ["torch"]
-
-class Attention(nn.Module):
-    def __init__(self, dim, num_heads, qkv_bias=True):
-        super().__init__()
-        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
-        self.qkv, self.attn_drop = nn.Linear(dim, dim * 3, bias=qkv_bias), nn.Dropout(0.0)
-        self.proj, self.proj_drop = nn.Linear(dim, dim), nn.Dropout(0.0)
-    def forward(self, x):
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
-        qkv = qkv.permute(2, 0, 3, 1, 4)
-        attn = (qkv[0] * self.scale @ qkv[1].transpose(-2, -1)).softmax(-1)
-        x = (self.attn_drop(attn) @ qkv[2]).transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
-
-class Block(nn.Module):
-    def __init__(self, dim, heads, qkv_bias):
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, qkv_bias)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-class DinoVisionTransformer(nn.Module):
-    def __init__(self, img_size=16, patch_size=4, embed_dim=16, depth=4, num_heads=2,
-                 qkv_bias=True):
-        super().__init__()
-        self.patch_size, self.embed_dim, self.n_blocks = patch_size, embed_dim, depth
-        self.patch_embed = nn.Conv2d(3, embed_dim, patch_size, patch_size)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
-        n = (img_size // patch_size) ** 2 + 1
-        self.pos_embed = nn.Parameter(torch.randn(1, n, embed_dim) * 0.02)
-        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, qkv_bias) for _ in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim)
-    def prepare_tokens(self, x):
-        B, _, h, w = x.shape
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)
-        s = int(math.sqrt(self.pos_embed.shape[1] - 1))
-        gh, gw = h // self.patch_size, w // self.patch_size
-        pos = self.pos_embed[:, 1:].reshape(1, s, s, -1).permute(0, 3, 1, 2)
-        pos = F.interpolate(pos, size=(gh, gw), mode="bicubic", align_corners=False)
-        pos = torch.cat([self.pos_embed[:, :1], pos.flatten(2).transpose(1, 2)], 1)
-        return torch.cat([self.cls_token.expand(B, -1, -1), x], 1) + pos
-    def forward_features(self, x):
-        x = self.prepare_tokens(x)
-        for b in self.blocks:
-            x = b(x)
-        x = self.norm(x)
-        return {"x_norm_clstoken": x[:, 0], "x_norm_patchtokens": x[:, 1:], "x_prenorm": x,
-                "masks": None}
-    def get_intermediate_layers(self, x, n=1, reshape=False, return_class_token=False, norm=True):
-        B, _, h, w = x.shape
-        x, out = self.prepare_tokens(x), []
-        for i, b in enumerate(self.blocks):
-            x = b(x)
-            if i >= len(self.blocks) - n:
-                out.append(self.norm(x) if norm else x)
-        out = [o[:, 1:] for o in out]
-        if reshape:
-            gh, gw = h // self.patch_size, w // self.patch_size
-            out = [o.reshape(B, gh, gw, -1).permute(0, 3, 1, 2) for o in out]
-        return tuple(out)
-    def forward(self, x):
-        return self.forward_features(x)["x_norm_clstoken"]
-
-def dinov2_vitt_test(pretrained=True, **kwargs):
-    torch.manual_seed(0)  # deterministic "pretrained" weights
-    return DinoVisionTransformer(**kwargs)
-'''
-
-
-@pytest.fixture(scope="session")
-def hub(tmp_path_factory):
-    d = tmp_path_factory.mktemp("hub")
-    (d / "hubconf.py").write_text(HUBCONF)
-    return str(d)
-
-
-def _image(rng, cls, size=16):
-    base = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]][cls % 3], np.float32)
-    noise = rng.normal(0, 40, (size, size, 3))
-    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
-
-
-@pytest.fixture(scope="session")
-def imagefolder(tmp_path_factory):
-    """{train,test}/<class>/*.png, 3 classes: 8 train and 4 test images each, 16x16."""
-    d, rng = tmp_path_factory.mktemp("imagefolder"), np.random.default_rng(0)
-    for split, n in (("train", 8), ("test", 4)):
-        for c in range(3):
-            os.makedirs(d / split / f"class{c}")
+def _tinyimagenet(root, size=64):
+    """Tiny-ImageNet as tools/prepare_data.py leaves it: {train,val}/<wnid>/*.JPEG, 2 classes."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 2)):
+        for c, wnid in enumerate(["n01", "n02"]):
+            os.makedirs(root / split / wnid)
             for i in range(n):
-                _image(rng, c).save(d / split / f"class{c}" / f"{i}.png")
-    return str(d)
-
-
-def _palette_png(label, path):
-    im = Image.fromarray(label.astype(np.uint8), mode="P")  # as VOC's: the index is the class
-    im.putpalette([v for i in range(256) for v in (i, 255 - i, i // 2)])
-    im.save(path)
-
-
-@pytest.fixture(scope="session")
-def vocfolder(tmp_path_factory):
-    """VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation}: 8 train, 4 val;
-    labels {0, 1, 2} in blocks, the top row 255 (ignored); 1-3 top rows in train."""
-    d, rng = tmp_path_factory.mktemp("voc"), np.random.default_rng(1)
-    base = d / "VOCdevkit" / "VOC2012"
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        os.makedirs(base / sub)
-    splits = (("train", [f"tr{i}" for i in range(8)]), ("val", [f"va{i}" for i in range(4)]))
-    for split, ids in splits:
-        (base / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
-        for i, name in enumerate(ids):
-            label = np.zeros((16, 16), np.uint8)
-            label[:, 8:] = 1 + i % 2
-            label[4:8, 2:6] = 2 - i % 2
-            label[:1 + (i % 3 if split == "train" else 0), :] = 255  # unequal labelled counts
-            img = np.array(_image(rng, 0)).astype(np.float32)
-            img[label == 1] = [40, 200, 40]
-            img[label == 2] = [40, 40, 200]
-            Image.fromarray(img.astype(np.uint8)).save(base / "JPEGImages" / f"{name}.jpg")
-            _palette_png(label, base / "SegmentationClass" / f"{name}.png")
-    return str(d)
-
-
-def _tinyimagenet(root, rng, n_train=3, size=8):
-    wnids = ["n01", "n02"]
-    os.makedirs(root, exist_ok=True)
-    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
-    for w in wnids:
-        os.makedirs(root / "train" / w / "images")
-        for i in range(n_train):
-            _image(rng, wnids.index(w), size).save(root / "train" / w / "images" / f"{w}_{i}.JPEG")
-    os.makedirs(root / "val" / "images")
-    rows = [("val_0.JPEG", "n02"), ("val_1.JPEG", "n01"), ("val_2.JPEG", "n02")]
-    for f, w in rows:
-        _image(rng, wnids.index(w), size).save(root / "val" / "images" / f)
-    annotations = "".join(f"{f}\t{w}\t0\t0\t7\t7\n" for f, w in rows)  # file, wnid, box
-    (root / "val" / "val_annotations.txt").write_text(annotations)
+                image(rng, c, size).save(root / split / wnid / f"{wnid}_{i}.JPEG")
     return str(root)
 
 
@@ -203,11 +62,11 @@ def seg_args(hub, data, out, *extra):
             str(out), "--ms-scales", "1.0", "1.5", "--device", "cpu", *extra]
 
 
-def real_args(data, out, *extra, task="cls"):
+def real_args(repo, data, out, *extra, task="cls"):
     base = (["--dataset", "imagefolder", "--img-size", "28"] if task == "cls" else
             ["--dataset", "voc", "--num-classes", "3", "--img-size", "28", "--seg-size", "8",
              "--ms-scales", "1.0", "1.5"])
-    return [*base, "--data-dir", data, "--hub-repo", DINOV2, "--model", "dinov2_vits14",
+    return [*base, "--data-dir", data, "--hub-repo", repo, "--model", "dinov2_vits14",
             "--hub-kwargs", PIN, "--batch-size", "8", "--epochs", "1", "--eval-epochs", "1",
             "--lr", "0.001", "--workers", "0", "--out", str(out), "--device", "cpu", *extra]
 
@@ -234,8 +93,12 @@ def _trainable(net):
 def _capture_init(monkeypatch):
     """Record a copy of the Net that main() builds, before any training."""
     seen, build = [], G.build_net
-    monkeypatch.setattr(G, "build_net", lambda *a: seen.append(copy.deepcopy(build(*a)))
-                        or seen.append(build(*a)) or seen[-1])
+
+    def capture(*a):
+        net = build(*a)
+        seen.append(copy.deepcopy(net))
+        return net
+    monkeypatch.setattr(G, "build_net", capture)
     return seen
 
 
@@ -741,14 +604,6 @@ def test_default_img_size(dataset, patch, expected):
     assert G.default_img_size(G.DATASETS[dataset], patch) == expected
 
 
-def test_tinyimagenet_layout(tmp_path):
-    root = _tinyimagenet(tmp_path / "t", np.random.default_rng(0))
-    train = G.tiny_imagenet(root, "train", G.cls_transform(8, True))
-    val = G.tiny_imagenet(root, "test", G.cls_transform(8, False))
-    assert len(train) == 6 and train.targets == [0, 0, 0, 1, 1, 1]
-    assert val.targets == [1, 0, 1] and val[0][0].shape == (3, 8, 8)
-
-
 def _label_coded_pair(size=128):
     """An image whose colour encodes its own label: a 4 x 4 grid of 16 classes, each its colour."""
     rows, cols = np.indices((size, size)) // (size // 4)
@@ -764,7 +619,7 @@ def test_joint_crop_and_flip_keep_image_and_mask_aligned(tmp_path):
         os.makedirs(base / sub)
     (base / "ImageSets" / "Segmentation" / "train.txt").write_text("a\n")
     Image.fromarray(img.astype(np.uint8)).save(base / "JPEGImages" / "a.jpg", quality=100)
-    _palette_png(label, base / "SegmentationClass" / "a.png")
+    palette_png(label, base / "SegmentationClass" / "a.png")
     ds = G.DATASETS["voc"].build(str(tmp_path), "train", G.seg_transform(64, True), 21)
     mean, std = torch.tensor(G.MEAN), torch.tensor(G.STD)
     torch.manual_seed(0)
@@ -791,66 +646,6 @@ def test_seg_dataset_joint_transform(vocfolder):
     assert set(mask.unique().tolist()) <= {0, 1, 2, 255}
 
 
-def test_cocostuff_and_ade_tables():
-    coco = G.TABLES["cocostuff"]  # stored ids 0..181; 11 is an unused thing id; 12 the 12th used
-    assert len(G.COCO_IDS) == 171 and coco[0] == 0 and coco[11] == 255 and coco[12] == 11
-    assert coco[181] == 170 and coco[255] == 255
-    ade = G.TABLES["ade20k"]  # 0 = "other" -> ignore; 1..150 -> 0..149; anything else is invalid
-    assert ade[0] == 255 and ade[1] == 0 and ade[150] == 149 and ade[151] == -1
-
-
-def test_ade20k_and_cocostuff_layouts(tmp_path):
-    rng = np.random.default_rng(2)
-    ade, coco = tmp_path / "ade" / "ADEChallengeData2016", tmp_path / "coco"
-    cases = [(ade / "images" / "validation", ade / "annotations" / "validation", [0, 1, 150]),
-             (coco / "images" / "val2017", coco / "stuffthingmaps" / "val2017", [0, 12, 181, 255])]
-    for images, masks, raw in cases:
-        os.makedirs(images)
-        os.makedirs(masks)
-        _image(rng, 0, 8).save(images / "a.jpg")
-        Image.fromarray(np.resize(np.array(raw, np.uint8), (8, 8))).save(masks / "a.png")
-    t = G.seg_transform(8, False)
-    y_ade = G.DATASETS["ade20k"].build(str(tmp_path / "ade"), "test", t, 150)[0][1]
-    y_coco = G.DATASETS["cocostuff"].build(str(coco), "test", t, 171)[0][1]
-    # ADE20k: 0 -> ignore, 1 -> 0, 150 -> 149. COCO-stuff: 0 -> 0, 12 -> 11, 181 -> 170.
-    assert y_ade[0, :3].tolist() == [255, 0, 149] and y_coco[0, :4].tolist() == [0, 11, 170, 255]
-    with pytest.raises(G.UserError, match="no images found"):
-        G.DATASETS["ade20k"].build(str(tmp_path / "ade"), "train", G.seg_transform(8, True), 150)
-
-
-@pytest.fixture
-def server(tmp_path):
-    """A local HTTP server (127.0.0.1) for the files under tmp_path/www -> its base URL."""
-    import http.server
-    www = tmp_path / "www"
-    www.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield www, f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-
-
-def test_tinyimagenet_and_ade20k_download_when_missing(server, tmp_path, monkeypatch):
-    www, url = server
-    _tinyimagenet(tmp_path / "src" / "tiny-imagenet-200", np.random.default_rng(0))
-    shutil.make_archive(str(www / "tin"), "zip", tmp_path / "src", "tiny-imagenet-200")
-    ade = tmp_path / "src" / "ADEChallengeData2016"
-    for d in ("images/training", "annotations/training"):
-        os.makedirs(ade / d)
-    _image(np.random.default_rng(0), 0, 8).save(ade / "images" / "training" / "a.jpg")
-    Image.fromarray(np.ones((8, 8), np.uint8)).save(ade / "annotations" / "training" / "a.png")
-    shutil.make_archive(str(www / "ade"), "zip", tmp_path / "src", "ADEChallengeData2016")
-    monkeypatch.setitem(G.URLS, "tinyimagenet", [(f"{url}/tin.zip", "")])
-    monkeypatch.setitem(G.URLS, "ade20k", [(f"{url}/ade.zip", "")])
-    val = G.DATASETS["tinyimagenet"].build(str(tmp_path / "tin"), "test", G.cls_transform(8, False))
-    assert val.targets == [1, 0, 1] and val[0][0].shape == (3, 8, 8)
-    ds = G.DATASETS["ade20k"].build(str(tmp_path / "ade"), "train", G.seg_transform(8, False), 150)
-    assert ds[0][1].unique().tolist() == [0]  # stored 1 -> class 0
-    shutil.rmtree(www)  # found on disk now: no second download
-    assert len(G.DATASETS["tinyimagenet"].build(str(tmp_path / "tin"), "train", None)) == 6
-
-
 def test_voc_downloads_through_torchvision(server, vocfolder, tmp_path, monkeypatch):
     import hashlib
     import tarfile
@@ -863,17 +658,21 @@ def test_voc_downloads_through_torchvision(server, vocfolder, tmp_path, monkeypa
     monkeypatch.setitem(G.torchvision.datasets.voc.DATASET_YEAR_DICT, "2012", year)
     ds = G.DATASETS["voc"].build(str(tmp_path / "voc"), "test", G.seg_transform(16, False), 21)
     assert len(ds) == 4 and ds[0][1].shape == (16, 16)
-    with pytest.raises(G.UserError, match="no VOCdevkit/VOC2012 there$"):  # never downloaded
-        G.DATASETS["vocfolder"].build(str(tmp_path / "other"), "test", None, 3)
+    with pytest.raises(G.UserError, match="no VOCdevkit/VOC2012 there; put it there$"):
+        G.DATASETS["vocfolder"].build(str(tmp_path / "other"), "test", None, 3)  # never fetched
+    with pytest.raises(G.UserError, match="prepare_data.py ade20k --data-dir"):
+        G.DATASETS["ade20k"].build(str(tmp_path / "other"), "test", None, 150)
 
 
 def test_offline_download_is_one_clear_line(hub, tmp_path, monkeypatch):
     with socket.socket() as s:  # a port where nothing listens
         s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}/ADEChallengeData2016.zip"
-    argv = ["--dataset", "ade20k", "--data-dir", str(tmp_path / "ade"), "--hub-repo", hub,
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/VOCtrainval_11-May-2012.tar"
+    argv = ["--dataset", "voc", "--data-dir", str(tmp_path / "voc"), "--hub-repo", hub,
             "--model", "dinov2_vitt_test", "--out", str(tmp_path), "--device", "cpu"]
-    code = f"import grpo_rm as G; G.URLS['ade20k'] = [({dead!r}, '')]; G.cli({argv!r})"
+    code = ("import grpo_rm as G, torchvision.datasets.voc as V; "
+            f"V.DATASET_YEAR_DICT['2012'] = dict(V.DATASET_YEAR_DICT['2012'], url={dead!r}); "
+            f"G.cli({argv!r})")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
                        timeout=300)
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
@@ -1053,7 +852,7 @@ def test_subset_trains_on_a_fixed_subset(hub, imagefolder, tmp_path, monkeypatch
 
 
 def test_cross_entropy_is_the_mean_over_labelled_pixels():
-    loss = G.make_loss(G.get_args(["--dataset", "voc", "--device", "cpu", "--method", "ce"]), None)
+    loss = G.make_loss("ce", 255, torch.device("cpu"))
     z, y = torch.randn(6, 4), torch.tensor([0, 1, 255, 3, 255, 2])
     assert torch.allclose(loss(z, None, y)[0], F.cross_entropy(z, y, ignore_index=255))
     assert loss(z, None, torch.full((6,), 255))[0] == 0  # a crop without labels: 0, not NaN
@@ -1387,25 +1186,15 @@ def _softmax_regression(feats, labels, c, epochs, m, base_lr, seed):
     return W.detach(), b.detach()
 
 
-CPU = G.Ctx(0, 1, torch.device("cpu"), torch.float32)
-
-
-def _fit_args(**kw):
-    argv = ["--dataset", "imagefolder", "--device", "cpu"]
-    for k, v in kw.items():
-        argv += [f"--{k.replace('_', '-')}", str(v)]
-    return G.get_args(argv)
-
-
 @pytest.mark.parametrize("unlabelled", [False, True])
 def test_sr_head_equals_a_softmax_regression_by_hand(unlabelled):
     g = torch.Generator().manual_seed(0)
     feats, labels = torch.randn(37, 6, generator=g), torch.randint(0, 4, (37,), generator=g)
     if unlabelled:  # as segmentation's ignored pixels: each batch's mean is over the labelled
         labels[::3] = -100
-    args = _fit_args(batch_size=8, eval_epochs=3, eval_lr=0.1, seed=2)
     torch.manual_seed(2)
-    head = G.fit_head(torch.nn.Linear(6, 4), feats, labels, args, CPU)
+    head = G.fit_head(torch.nn.Linear(6, 4), feats, labels, epochs=3, batch_size=8, lr=0.1,
+                      device=torch.device("cpu"), seed=2)
     W, b = _softmax_regression(feats, labels, 4, 3, 8, 0.1, 2)
     torch.testing.assert_close(head.weight.detach(), W, atol=1e-6, rtol=0)
     torch.testing.assert_close(head.bias.detach(), b, atol=1e-6, rtol=0)
@@ -1429,12 +1218,11 @@ def test_multiscale_inference_undoes_the_flip():
     torch.manual_seed(0)
     net = G.Net(_PerPixel(), None, "seg")
     heads = {"linear": G.SegHead(5, 4, 3, 8), "ms": G.SegHead(20, 4, 3, 8)}
-    args = _fit_args(seg_size=8, ms_scales="1.0")
-    ctx = G.Ctx(0, 1, torch.device("cpu"), torch.float32)
     x = torch.randn(2, 3, 16, 16)
     sym = torch.cat([x[..., :8], x[..., :8].flip(-1)], -1)  # flip-symmetric
     for img in (sym, x):
-        p = {ft: G.predict_seg(net, h, img, ft == "ms", args, ctx) for ft, h in heads.items()}
+        p = {ft: G.predict_seg(net, h, img, 8, [1.0] if ft == "ms" else []) for ft, h in
+             heads.items()}
         # the "ms" head averages the plain and the flipped pass; with the flip undone and an
         # equivariant model both passes agree, for any input
         plain = F.interpolate(heads["ms"](net.features(img, 4), size=(8, 8)), size=(16, 16),
@@ -1462,15 +1250,15 @@ def test_feature_cache_beyond_the_budget_stays_on_disk(hub, tmp_path):
     """256 images whose cached 4-layer features take 256 × 4 × 256 × 16 × 16 × 4 B = 256 MiB:
     with a 16 MiB budget evaluation keeps them in files under the run folder, its peak anonymous
     memory stays far below their size, and the metrics equal those of the in-RAM cache."""
-    rng, base = np.random.default_rng(0), tmp_path / "voc" / "VOCdevkit" / "VOC2012"
+    rng, base = np.random.default_rng(0), tmp_path / "voc" / "VOCdevkit" / "VOC2012"  # 128 px
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         os.makedirs(base / sub)
     ids = "\n".join(f"i{i}" for i in range(256))
     (base / "ImageSets" / "Segmentation" / "train.txt").write_text(ids)
     (base / "ImageSets" / "Segmentation" / "val.txt").write_text("i0\ni1\n")
     for i in range(256):
-        _image(rng, i, 128).save(base / "JPEGImages" / f"i{i}.jpg")
-        _palette_png(np.full((128, 128), i % 3, np.uint8), base / "SegmentationClass" / f"i{i}.png")
+        image(rng, i, 128).save(base / "JPEGImages" / f"i{i}.jpg")
+        palette_png(np.full((128, 128), i % 3, np.uint8), base / "SegmentationClass" / f"i{i}.png")
     argv = seg_args(hub, str(tmp_path / "voc"), tmp_path, "--method", "frozen", "--img-size", "128",
                     "--hub-kwargs", '{"embed_dim": 256, "patch_size": 8}', "--feature-type",
                     "linear", "ms", "--eval-epochs", "1", "--batch-size", "2", "--ms-scales", "1.0")
@@ -1524,7 +1312,7 @@ def test_sigterm_in_evaluation_is_not_swallowed(hub, imagefolder, tmp_path):
 
 @pytest.mark.parametrize("patch,expected", [(14, 70), (8, 64)])
 def test_tinyimagenet_default_size_follows_the_patch(hub, tmp_path, patch, expected):
-    root = _tinyimagenet(tmp_path / "tin", np.random.default_rng(0), size=64)
+    root = _tinyimagenet(tmp_path / "tin")
     kwargs = json.dumps({"patch_size": patch, "img_size": 64})
     result, _ = G.main(["--dataset", "tinyimagenet", "--data-dir", root, "--hub-repo", hub,
                         "--model", "dinov2_vitt_test", "--hub-kwargs", kwargs, "--batch-size", "4",
@@ -1533,43 +1321,39 @@ def test_tinyimagenet_default_size_follows_the_patch(hub, tmp_path, patch, expec
     assert result["config"]["img_size"] == expected
 
 
-@REAL
 @pytest.mark.parametrize("method", ["grpo", "ce"])
-def test_real_dinov2_cls(imagefolder, tmp_path, monkeypatch, method):
+def test_real_dinov2_cls(dinov2, imagefolder, tmp_path, monkeypatch, method):
     seen = _capture_init(monkeypatch)
-    result, net = G.main(real_args(imagefolder, tmp_path, "--method", method))
+    result, net = G.main(real_args(dinov2, imagefolder, tmp_path, "--method", method))
     assert type(net.backbone).__name__ == "DinoVisionTransformer" and net.backbone.embed_dim == 384
     changed = [k for k, p in _trainable(net).items() if not torch.equal(_trainable(seen[0])[k], p)]
     assert len(changed) == len(_trainable(net)) and 0 <= result["metrics"]["sr"] <= 100
 
 
-@REAL
 @pytest.mark.parametrize("method", ["grpo", "ce"])
-def test_real_dinov2_seg_linear_and_ms(vocfolder, tmp_path, method):
-    result, net = G.main(real_args(vocfolder, tmp_path, "--method", method, "--feature-type",
+def test_real_dinov2_seg_linear_and_ms(dinov2, vocfolder, tmp_path, method):
+    result, net = G.main(real_args(dinov2, vocfolder, tmp_path, "--method", method, "--feature-type",
                                    "linear", "ms", "--batch-size", "4", task="seg"))
     m = result["metrics"]
     assert m["linear"]["labelled_pixels"] == m["ms"]["labelled_pixels"] > 0
     assert type(net.backbone).__name__ == "DinoVisionTransformer"
 
 
-@REAL
-def test_real_dinov2_reg_and_weights(imagefolder, tmp_path):
-    _, net = G.main(real_args(imagefolder, tmp_path / "a", "--model",
+def test_real_dinov2_reg_and_weights(dinov2, imagefolder, tmp_path):
+    _, net = G.main(real_args(dinov2, imagefolder, tmp_path / "a", "--model",
                               "dinov2_vits14_reg", "--method", "frozen"))
     assert net.backbone.num_register_tokens == 4
     torch.manual_seed(3)
-    model = torch.hub.load(DINOV2, "dinov2_vits14", source="local", pretrained=False)
+    model = torch.hub.load(dinov2, "dinov2_vits14", source="local", pretrained=False)
     torch.save(model.state_dict(), tmp_path / "w.pth")
-    _, net = G.main(real_args(imagefolder, tmp_path / "b", "--weights", str(tmp_path / "w.pth"),
+    _, net = G.main(real_args(dinov2, imagefolder, tmp_path / "b", "--weights", str(tmp_path / "w.pth"),
                               "--method", "frozen"))
     assert all(torch.equal(net.backbone.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
-@REAL
-def test_real_vits14_tinyimagenet_at_70px(tmp_path):
-    root = _tinyimagenet(tmp_path / "tin", np.random.default_rng(0), size=64)
-    result, _ = G.main(["--dataset", "tinyimagenet", "--data-dir", root, "--hub-repo", DINOV2,
+def test_real_vits14_tinyimagenet_at_70px(dinov2, tmp_path):
+    root = _tinyimagenet(tmp_path / "tin")
+    result, _ = G.main(["--dataset", "tinyimagenet", "--data-dir", root, "--hub-repo", dinov2,
                         "--model", "dinov2_vits14", "--hub-kwargs", PIN, "--batch-size", "4",
                         "--epochs", "1", "--eval-epochs", "1", "--workers", "0", "--out",
                         str(tmp_path), "--device", "cpu"])
@@ -1612,13 +1396,13 @@ def test_cli_bad_seg_files(hub, vocfolder, tmp_path):
     d = tmp_path / "voc"
     shutil.copytree(vocfolder, d)
     masks = d / "VOCdevkit" / "VOC2012" / "SegmentationClass"
-    _palette_png(np.full((16, 16), 30, np.uint8), masks / "tr3.png")  # 30 >= 21 classes, not 255
+    palette_png(np.full((16, 16), 30, np.uint8), masks / "train3.png")  # 30 >= 21, not 255
     rc, err, lines = _cli(*seg_args(hub, str(d), tmp_path, "--epochs", "1"))
     assert rc != 0 and len(lines) == 1, err
-    assert "tr3.png" in lines[0] and "label value 30" in lines[0], err
-    os.remove(masks / "tr3.png")
+    assert "train3.png" in lines[0] and "label value 30" in lines[0], err
+    os.remove(masks / "train3.png")
     rc, err, lines = _cli(*seg_args(hub, str(d), tmp_path, "--epochs", "1"))
-    assert rc != 0 and len(lines) == 1 and "tr3.png" in lines[0] and "No such file" in lines[0]
+    assert rc != 0 and len(lines) == 1 and "train3.png" in lines[0] and "No such file" in lines[0]
     assert not list(tmp_path.glob("*/result.json"))  # nothing reported as final
 
 

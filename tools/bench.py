@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -73,24 +72,24 @@ def linear_macs(model, x):
     return total
 
 def bench_build(args, ctx, method, num_classes, backbone):
-    """One method's model, optimizer, loss and synthetic batch (this process's share), built as
-    G.train builds them. -> (one G.train_step, θ_old's no-grad forward or None, the net)."""
-    net = G.build_net(copy.deepcopy(backbone), args, num_classes, ctx.device)
-    old = G.make_old(net) if method == "grpo" else None
-    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    model = DDP(net, device_ids=ids) if ctx.world > 1 else net
-    model = torch.compile(model) if args.compile else model
-    old = torch.compile(old) if args.compile and old is not None else old
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=1e-9, fused=ctx.device.type == "cuda")  # lr: keep θ ~ θ_old
+    """One method's model, optimizer, loss and synthetic batch (this process's share), built by
+    G.train's own functions. -> (one G.train_step, θ_old's no-grad forward or None, the net)."""
+    seg = args.task == "seg"
+    torch.manual_seed(args.seed)
+    net = G.build_net(copy.deepcopy(backbone), args.task, num_classes, args.hidden, args.seg_size)
+    net = net.to(ctx.device)
+    model, _, old = G.make_models(net, method, ctx.world, args.compile)
+    opt, _ = G.make_optimizer(net, 1e-9, args.batch_size, 1, ctx.device)  # lr: keep θ ~ θ_old
     b, S = args.batch_size // ctx.world, args.img_size
     x = torch.randn(b, 3, S, S, device=ctx.device)
-    y = torch.randint(0, num_classes, (b, S, S) if args.task == "seg" else (b,), device=ctx.device)
-    loss_fn = G.make_loss(argparse.Namespace(**{**vars(args), "method": method}), ctx)
-    step = functools.partial(G.train_step, model, old, opt, loss_fn, args.task == "seg", ctx, x, y)
+    y = torch.randint(0, num_classes, (b, S, S) if seg else (b,), device=ctx.device)
+    loss_fn = G.make_loss(method, G.IGNORE if seg else -100, ctx.device, ctx.dtype,
+                          **{k: getattr(args, k) for k in G.LOSS_FLAGS})
+    step = functools.partial(G.train_step, model, old, opt, loss_fn, x, y, seg, ctx.dtype,
+                             ctx.world)
 
     def forward():
-        with torch.no_grad(), ctx.amp():
+        with torch.no_grad(), G.autocast(ctx.device, ctx.dtype):
             old(x)
     return step, forward if old is not None else None, net
 
@@ -139,12 +138,11 @@ def bench_methods(args, own, ctx, num_classes, backbone):
 def loss_fns(args, ctx):
     """Cross-entropy and GRPO-RM's loss as G.make_loss builds them (with the diagnostics), the
     latter eagerly and through G.compiled. -> ({name: fn(z, z_old, y) -> (loss, ...)}, compiled)"""
-    plain = functools.partial(G.grpo_rm_loss, clip_eps=args.clip_eps, uniformity=args.uniformity,
-                              background_penalty=args.background_penalty, with_diagnostics=True,
-                              ignore_index=G.IGNORE if args.task == "seg" else -100,
-                              dual_clip=args.dual_clip, kl_coef=args.kl_coef)
-    fast = G.compiled(plain, ctx.device)
-    ce = G.make_loss(argparse.Namespace(**{**vars(args), "method": "ce"}), ctx)
+    ignore = G.IGNORE if args.task == "seg" else -100
+    plain = functools.partial(G.grpo_rm_loss, ignore_index=ignore, with_diagnostics=True,
+                              **{k: getattr(args, k) for k in G.LOSS_FLAGS})
+    fast = G.compiled(plain, ctx.device, ctx.dtype)
+    ce = G.make_loss("ce", ignore, ctx.device)
     return {"ce": ce, "grpo_eager": plain, "grpo_compiled": fast}, fast is not plain
 
 def saved_bytes(fn, inputs, cuda):
@@ -168,7 +166,7 @@ def saved_bytes(fn, inputs, cuda):
 def bench_loss(n, c, fns, ctx, own):
     """The loss alone at n samples x c classes, forward + backward, all of fns in one run."""
     g = torch.Generator(device=ctx.device).manual_seed(0)
-    z = torch.randn(n, c, device=ctx.device, generator=g).to(ctx.amp_dtype).requires_grad_()
+    z = torch.randn(n, c, device=ctx.device, generator=g).to(ctx.dtype).requires_grad_()
     z_old = (z.detach().float() + 0.1 * torch.randn(n, c, device=ctx.device, generator=g))
     z_old, y = z_old.to(z.dtype), torch.randint(0, c, (n,), device=ctx.device, generator=g)
 
@@ -285,7 +283,7 @@ def loss_only(args, own, ctx):
 
 def main(argv=None):
     own, args = get_args(argv)
-    ctx = G.setup(args)
+    ctx = G.setup(args.device, args.dtype, args.dist_backend)
     try:
         return (loss_only if own.loss_only else bench)(args, own, ctx)
     finally:

@@ -1,4 +1,4 @@
-"""Tests of tools/bench.py on the CPU: a Table 5 run on the tiny torch.hub model of test_grpo_rm.py,
+"""Tests of tools/bench.py on the CPU: a Table 5 run on the tiny torch.hub model (tools/tinyvit),
 the loss alone (compiled = eager), the out-of-memory line, and where a clone of
 facebookresearch/dinov2 exists, ViT-S/14's MACs against the paper's Table 5. No GPU, no network."""
 import json
@@ -10,18 +10,10 @@ import pytest
 import torch
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(TOOLS), TOOLS]  # grpo_rm.py, test_grpo_rm.py, tools/: no packages
+sys.path[:0] = [os.path.dirname(TOOLS), TOOLS]  # grpo_rm.py and tools/: no packages
 import bench as B  # noqa: E402
 import grpo_rm as G  # noqa: E402
 import report  # noqa: E402
-import test_grpo_rm as T  # noqa: E402  (its tiny hub model and the DINOv2 clone's location)
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    d = tmp_path_factory.mktemp("hub")
-    (d / "hubconf.py").write_text(T.HUBCONF)
-    return str(d)
 
 
 def test_bench_smoke(hub, tmp_path):
@@ -75,7 +67,7 @@ def test_loss_only_times_the_runs_loss():
     # --dual-clip and --kl-coef reach the loss that --loss-only times, as they reach training's
     args = G.get_args(["--dataset", "imagefolder", "--device", "cpu", "--dual-clip", "3",
                        "--kl-coef", "1"])
-    fns, _ = B.loss_fns(args, G.setup(args))
+    fns, _ = B.loss_fns(args, G.setup(args.device, args.dtype))
     g = torch.Generator().manual_seed(0)
     z, z_old = 4 * torch.randn(8, 5, generator=g), 4 * torch.randn(8, 5, generator=g)
     y = torch.randint(0, 5, (8,), generator=g)
@@ -96,11 +88,10 @@ def test_out_of_memory_is_one_error_line(hub, tmp_path, monkeypatch, capsys):
         "error: out of GPU memory at 8 images per process; lower --batch-size"]
 
 
-@T.REAL
-def test_real_vits14_macs_match_table5():
+def test_real_vits14_macs_match_table5(dinov2):
     # 21.23 M per token and 0.226 M per patch: 224 px -> 257 tokens -> 5.51 G per image, x 1024
     # = 5.65e12 (the paper: 5.66e12); 70 px -> 26 tokens -> 0.559 G, x 1024 = 5.72e11 (5.72e11).
-    m = torch.hub.load(T.DINOV2, "dinov2_vits14", source="local", pretrained=False).eval()
+    m = torch.hub.load(dinov2, "dinov2_vits14", source="local", pretrained=False).eval()
     net = G.Net(m, torch.nn.Linear(384, 1), "cls")  # the head's MACs are negligible
     for size, paper in ((224, 5.66e12), (70, 5.72e11)):
         macs = B.linear_macs(net, torch.zeros(1, 3, size, size)) * 1024
