@@ -22,8 +22,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
-from typing import Callable
+from collections import namedtuple
 
 import numpy as np
 import torch
@@ -33,10 +32,9 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 from torchvision import tv_tensors
-from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.transforms import v2
 
 
@@ -148,15 +146,15 @@ class UserError(Exception):
 def load_backbone(hub_repo, name, weights=None, hub_kwargs=None):
     """torch.hub.load of DINOv2 from GitHub (owner/name[:ref]) or a local clone; --weights
     replaces the hub's download of the weights by a local file, loaded strictly."""
-    local = os.path.isdir(hub_repo)
     kwargs = {**(hub_kwargs or {}), **({"pretrained": False} if weights else {})}
+    source = "local" if os.path.isdir(hub_repo) else "github"
     # torch.hub takes a commit only if it heads a branch or tag, unless validation is skipped
     pinned = len(hub_repo.rsplit(":", 1)[-1]) == 40
     default_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(HUB_TIMEOUT_S)  # urllib's reads would otherwise wait without end
     try:
-        model = torch.hub.load(hub_repo, name, source="local" if local else "github",
-                               trust_repo=True, skip_validation=pinned, **kwargs)
+        model = torch.hub.load(hub_repo, name, source=source, trust_repo=True,
+                               skip_validation=pinned, **kwargs)
     except Exception as e:  # no hubconf.py, no such entry point, no network, ...
         raise UserError(f"--hub-repo {hub_repo} --model {name}: loading failed "
                         f"({type(e).__name__}: {e}); offline: git clone https://github.com/"
@@ -171,18 +169,13 @@ def load_backbone(hub_repo, name, weights=None, hub_kwargs=None):
                             f"({' '.join(str(e).split())[:300]})") from None
     return model
 
-def mlp_head(in_dim, hidden, num_classes):  # Open in the paper: the activation (ReLU here)
-    """The classification head: two fully connected layers on the class token."""
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
-
 class SegHead(nn.Module):
     """Patch tokens (B, D, h, w) -> bilinear upsampling to size × size (32×32 -> 128×128, Section
     4.2) -> a two-layer per-pixel projection -> logits (B, c, size, size), stored channels-last."""
 
     def __init__(self, in_dim, hidden, num_classes, size):
         super().__init__()
-        self.size = size
-        self.proj = nn.Linear(in_dim, hidden)
+        self.size, self.proj = size, nn.Linear(in_dim, hidden)
         self.out = nn.Linear(hidden, num_classes)
 
     def forward(self, tokens, size=None):
@@ -215,9 +208,9 @@ def build_net(backbone, task, num_classes, hidden, seg_size):
     if hasattr(backbone, "mask_token"):  # DINOv2's masked pre-training only, never used here
         backbone.mask_token.requires_grad_(False)
     D = backbone.embed_dim
-    head = (mlp_head(D, hidden, num_classes) if task == "cls"
-            else SegHead(D, hidden, num_classes, seg_size))
-    return Net(backbone, head, task)
+    # cls: two fully connected layers on the class token. Open in the paper: the activation.
+    mlp = nn.Sequential(nn.Linear(D, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+    return Net(backbone, mlp if task == "cls" else SegHead(D, hidden, num_classes, seg_size), task)
 
 
 # =============================================================================
@@ -226,6 +219,7 @@ def build_net(backbone, task, num_classes, hidden, seg_size):
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, as DINOv2
 IGNORE = 255  # segmentation "no label" (VOC's 255; tools/prepare_data.py maps others to it)
 BICUBIC = v2.InterpolationMode.BICUBIC
+PREPARE = "python3 tools/prepare_data.py {} --data-dir {} makes it"  # the sets it converts
 
 def read_image(path, mode="RGB"):
     """An image file, converted to mode (a mask keeps its own: mode None)."""
@@ -269,9 +263,6 @@ def with_download(root, what, get, hint=None):
         raise UserError(f"--data-dir {root}: no {what} there, and the download failed "
                         f"({type(e).__name__}); offline, put its files there") from None
 
-def prepare_hint(name, root):
-    return f"python3 tools/prepare_data.py {name} --data-dir {root} makes it"
-
 def torchvision_set(cls, **splits):
     """CIFAR-10/100, STL-10: torchvision's datasets, downloaded by torchvision when missing."""
     def build(root, split, transform):
@@ -285,32 +276,30 @@ def image_folder(prepare=None):
     folder (train/ and val/ or test/, a folder a class). Open in the paper: ImageNet's layout.
     Here val/ sorted into class folders, as torchvision's ImageNet."""
     def build(root, split, transform):
-        for sub in (["train"] if split == "train" else ["val", "test"]):
+        subs = ["train"] if split == "train" else ["val", "test"]  # ImageNet's test/: no labels
+        for sub in subs:
             if os.path.isdir(os.path.join(root, sub)):
                 try:
                     return torchvision.datasets.ImageFolder(os.path.join(root, sub), transform,
                                                             loader=read_image)
                 except (FileNotFoundError, RuntimeError) as e:
                     raise UserError(f"--data-dir {root}: {e}") from None
-        hint = f"; {prepare_hint(prepare, root)}" if prepare else ""
-        raise UserError(f"--data-dir {root}: no {'train/' if split == 'train' else 'val/ or test/'}"
-                        + hint)
+        hint = "; " + PREPARE.format(prepare, root) if prepare else ""
+        raise UserError(f"--data-dir {root}: no {' or '.join(s + '/' for s in subs)}{hint}")
     return build
 
 def resize_labels(y, size):
     """(B, H, W) label maps -> (B, size, size) by nearest neighbour: never blends two class ids."""
     return F.interpolate(y[:, None].float(), size=(size, size), mode="nearest")[:, 0].to(y.dtype)
 
-class SegFiles(Dataset):
-    """(image, mask) file pairs -> (image (3, S, S), labels (S, S)); the masks (palette or grey
-    8-bit PNGs) hold the classes, IGNORE unlabelled; image and mask transformed alike."""
+class SegFiles(torchvision.datasets.VOCSegmentation):
+    """Pascal VOC 2012's layout (VOCdevkit/VOC2012/), listed by torchvision -> (image (3, S, S),
+    labels (S, S)); the masks (palette or grey 8-bit PNGs) hold the classes, IGNORE unlabelled;
+    image and mask transformed alike."""
 
-    def __init__(self, images, masks, num_classes, transform):
-        self.images, self.masks = images, masks
+    def __init__(self, root, image_set, download, num_classes, transform):
+        super().__init__(root, "2012", image_set, download=download)
         self.num_classes, self.transform = num_classes, transform
-
-    def __len__(self):
-        return len(self.images)
 
     def __getitem__(self, i):
         img = tv_tensors.Image(v2.functional.pil_to_tensor(read_image(self.images[i])))
@@ -326,25 +315,20 @@ class SegFiles(Dataset):
         return img, mask[0]
 
 def voc(download=False, prepare=None):
-    """Pascal VOC 2012's layout (VOCdevkit/VOC2012/), listed by torchvision's VOCSegmentation:
-    VOC itself (downloaded), ADE20k and COCO-stuff as tools/prepare_data.py leaves them, and any
-    set in that layout (vocfolder)."""
+    """VOC itself (downloaded), ADE20k and COCO-stuff as tools/prepare_data.py leaves them, and any
+    set in VOC's layout (vocfolder)."""
     def build(root, split, transform, c):
         image_set = "train" if split == "train" else "val"
-        get = lambda d: torchvision.datasets.VOCSegmentation(root, "2012", image_set, download=d)
-        hint = None if download else prepare_hint(prepare, root) if prepare else "put it there"
-        ds = with_download(root, "VOCdevkit/VOC2012", get, hint)
-        return SegFiles(ds.images, ds.masks, c, transform)
+        get = lambda d: SegFiles(root, image_set, d, c, transform)
+        hint = None if download else PREPARE.format(prepare, root) if prepare else "put it there"
+        return with_download(root, "VOCdevkit/VOC2012", get, hint)
     return build
 
-@dataclass(frozen=True)
-class Spec:
-    task: str            # "cls" or "seg"
-    build: Callable      # (root, split, transform[, num_classes]) -> dataset
-    classes: int = 0     # the paper's class count (0: read from the data, or --num-classes)
-    native: int = 0      # image side in pixels (0: unknown, then 224 for cls and 448 for seg)
-    background: bool = False  # Open in the paper: which sets get the penalty. Those whose class 0
-    # is "background" (VOC); ADE20k's and COCO-stuff's class 0 is a real class (wall, person)
+# A dataset: its task ("cls" or "seg"); build(root, split, transform[, num_classes]); the paper's
+# class count (0: read from the data, or --num-classes); its image side in pixels (0: unknown);
+# whether class 0 is "background" and gets the penalty. Open in the paper: which sets get it.
+# VOC's; ADE20k's and COCO-stuff's class 0 is a real class (wall, person).
+Spec = namedtuple("Spec", "task build classes native background", defaults=(0, 0, False))
 
 TV = torchvision.datasets
 CIFAR = dict(train={"train": True}, test={"train": False})
@@ -380,10 +364,18 @@ def build_data(args, ctx):
         return spec.build(root, split, cls_transform(args.img_size, augment))
     train = rank0_first(ctx, lambda: make("train", args.augment))  # rank 0 downloads
     train_eval, test = make("train", False), make("test", False)
-    if not seg:
-        num_classes = check_classes(train, test, args.num_classes, root)
-    def check_test():  # on rank 0; the others wait for its verdict
-        top = read_all(test, args.batch_size, args.workers)
+    if not seg and train.classes != test.classes:  # else the test labels would name others
+        raise UserError(f"--data-dir {root}: the test/val classes differ from train/")
+    if not seg and args.num_classes not in (None, len(train.classes)):
+        raise UserError(f"--num-classes {args.num_classes}: --data-dir {root} has "
+                        f"{len(train.classes)} classes")
+    num_classes = num_classes if seg else len(train.classes)
+
+    def check_test():  # every test file read before training, on rank 0 (the others wait):
+        top = -1  # a bad one found only in the evaluation would cost the run
+        for _, y in DataLoader(test, args.batch_size, num_workers=args.workers):
+            if seg:
+                top = max(top, int(y.masked_fill(y == IGNORE, -1).max()))
         if seg and not args.num_classes and top + 1 != num_classes:
             raise UserError(f"--data-dir {root}: its test masks hold classes 0-{top}, not the "
                             f"{num_classes} of --dataset {args.dataset} (else: --num-classes)")
@@ -393,36 +385,13 @@ def build_data(args, ctx):
         train = Subset(train, keep[:max(1, round(args.subset * len(train)))].tolist())
     return num_classes, train, train_eval, test
 
-def check_classes(train, test, num_classes, root):
-    """The class count of a classification set: its class folders, the same in both splits."""
-    if train.classes != test.classes:  # else the test labels would name other classes
-        raise UserError(f"--data-dir {root}: the test/val classes differ from train/")
-    if num_classes not in (None, len(train.classes)):
-        raise UserError(f"--num-classes {num_classes}: --data-dir {root} has "
-                        f"{len(train.classes)} classes")
-    return len(train.classes)
-
-def read_all(ds, batch_size, workers):
-    """Every image (and mask) of ds read once, where it is cheap: a bad test file found only in
-    the evaluation would cost the run. -> the highest class in the masks (-1: none, or cls)."""
-    top = -1
-    for _, y in DataLoader(ds, batch_size, num_workers=workers):
-        if y.dim() > 1:  # masks
-            top = max(top, int(y.masked_fill(y == IGNORE, -1).max()))
-    return top
-
 
 # =============================================================================
 # Training: Adam, cosine learning rate, bf16 autocast, DDP; checkpoints at every epoch's end
 
-@dataclass
-class Ctx:
-    """The process: its rank among world, its device, the autocast dtype (bf16 or float32)."""
-    rank: int
-    world: int
-    device: torch.device
-    dtype: torch.dtype
-    wait_group: object = None  # a gloo group for long waits (downloads, the hub cache)
+# The process: its rank among world, its device, the autocast dtype (bf16 or float32), and a gloo
+# group for long waits (downloads, the hub cache).
+Ctx = namedtuple("Ctx", "rank world device dtype wait_group")
 
 def autocast(device, dtype):
     """bf16 autocast (float32 weights and optimizer), or nothing for float32."""
@@ -473,38 +442,21 @@ def rank0_first(ctx, fn, alone=False):
         raise Relayed(said[0])
     return out if ctx.rank == 0 or alone else fn()
 
-def lr_range(base, batch_size):
-    """Section 4.2: from base·m/256 down to (base/100)·m/256, m the global batch."""
-    return base * batch_size / 256, base / 100 * batch_size / 256
-
-def compiled(fn, device, dtype=torch.float32):
-    """torch.compile(fn) where the compiler works on this machine, else fn itself: the same
-    numbers, eagerly. A probe forward and backward decides, on logits of training's dtype under
-    its autocast, so that training's first call finds the graph compiled. Compiled, the plain
-    loss takes ×3-4 of cross-entropy's time on a CPU, not ×16-20 (results/README.md)."""
-    fast = torch.compile(fn, dynamic=True)
-    z = torch.zeros(2, 3, device=device, dtype=dtype, requires_grad=True)  # logits as training's
-    try:
-        with autocast(device, dtype):
-            loss = fast(z, z.detach(), torch.zeros(2, dtype=torch.long, device=device))[0]
-        loss.backward()
-        return fast
-    except Exception as e:  # no C++ compiler or Triton, an unsupported platform
-        print(f"torch.compile does not work here ({type(e).__name__}): the loss runs eagerly")
-        return fn
-
 LOSS_FLAGS = ("clip_eps", "uniformity", "background_penalty", "dual_clip", "kl_coef")
 
-def make_loss(method, ignore_index, device, dtype=torch.float32, **options):
+def make_loss(method, ignore_index, compile=False, **options):
     """-J of Eq. (1) (options: grpo_rm_loss's clip_eps, uniformity, background_penalty,
-    dual_clip, kl_coef), or cross-entropy: fn(logits (N, c), old logits, labels) -> (loss, diag)."""
+    dual_clip, kl_coef), or cross-entropy: fn(logits (N, c), old logits, labels) -> (loss, diag).
+    Compiled, the plain loss takes a third of its eager memory and ×3-4 of cross-entropy's time on
+    a CPU, not ×16-20 (results/README.md); dynamic shapes: one graph for every batch size."""
     def cross_entropy(z, z_old, y):  # the mean over the labelled samples, 0 if there are none
         loss = F.cross_entropy(z.float(), y, ignore_index=ignore_index, reduction="sum")
         return loss / (y != ignore_index).sum().clamp(min=1), None
     if method == "ce":
         return cross_entropy
-    return compiled(functools.partial(grpo_rm_loss, ignore_index=ignore_index,
-                                      with_diagnostics=True, **options), device, dtype)
+    loss = functools.partial(grpo_rm_loss, ignore_index=ignore_index, with_diagnostics=True,
+                             **options)
+    return torch.compile(loss, dynamic=True) if compile else loss
 
 def make_models(net, method, world=1, compile=False):
     """-> (the model trained: DDP-wrapped over several processes, maybe compiled; θ_old, or None
@@ -515,11 +467,11 @@ def make_models(net, method, world=1, compile=False):
     return model, old, torch.compile(old) if compile and old is not None else old
 
 def make_optimizer(net, lr, batch_size, steps, device):
-    """Adam (no weight decay) and the cosine schedule of Section 4.2 over steps."""
+    """Adam (no weight decay) and the cosine schedule of Section 4.2 over steps: lr per 256
+    images, from lr·m/256 down to (lr/100)·m/256, m the global batch."""
     params = [p for p in net.parameters() if p.requires_grad]  # DINOv2's mask_token is not
-    lr_max, lr_min = lr_range(lr, batch_size)
-    opt = torch.optim.Adam(params, lr=lr_max, weight_decay=0.0, fused=device.type == "cuda")
-    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, lr_min)
+    opt = torch.optim.Adam(params, lr=lr * batch_size / 256, fused=device.type == "cuda")
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, lr / 100 * batch_size / 256)
 
 def train_step(model, old, opt, loss_fn, x, y, seg=False, dtype=torch.float32, world=1):
     """One optimisation step on a batch on the device -> [loss, grad norm, *diagnostics], a device
@@ -543,8 +495,7 @@ def train_step(model, old, opt, loss_fn, x, y, seg=False, dtype=torch.float32, w
         loss = loss * n * world / total.clamp(min=1)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    params = opt.param_groups[0]["params"]
-    gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # measures, never clips
+    gnorm = nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], math.inf)  # measures only
     opt.step()
     row = [loss.detach().float(), gnorm.float()]
     return torch.stack(row + ([] if diag is None else list(diag.float())))
@@ -557,10 +508,13 @@ def train(args, ctx, net, train_set, run_dir):
     loader = DataLoader(train_set, args.batch_size // ctx.world, sampler=sampler,
                         num_workers=args.workers, pin_memory=ctx.device.type == "cuda")
     model, old, old_fwd = make_models(net, args.method, ctx.world, args.compile)
-    opt, sched = make_optimizer(net, args.lr, args.batch_size, args.epochs * len(loader), ctx.device)
-    loss_fn = make_loss(args.method, IGNORE if args.task == "seg" else -100, ctx.device, ctx.dtype,
+    steps = len(loader)  # a rank's steps an epoch
+    opt, sched = make_optimizer(net, args.lr, args.batch_size, args.epochs * steps, ctx.device)
+    loss_fn = make_loss(args.method, IGNORE if args.task == "seg" else -100, args.compile,
                         **{k: getattr(args, k) for k in LOSS_FLAGS})
-    hist, ckpt, start = new_history(old is not None), os.path.join(run_dir, "ckpt.pt"), 0
+    keys = ["step", "lr", "loss", "grad_norm", *(DIAGNOSTICS if old is not None else [])]
+    hist = {"train_loss": [], "sec_per_epoch": [], "series": {k: [] for k in keys}}
+    ckpt, start = os.path.join(run_dir, "ckpt.pt"), 0
     if args.resume and os.path.isfile(ckpt):
         start, hist = load_checkpoint(ckpt, vars(args), ctx.world, net, old, opt, sched)
         if ctx.rank == 0:
@@ -568,7 +522,7 @@ def train(args, ctx, net, train_set, run_dir):
     for epoch in range(start, args.epochs):
         sampler.set_epoch(epoch)
         torch.manual_seed(args.seed * 100_003 + ctx.rank * 1009 + epoch)  # augmentation draws
-        t0, rows, steps = time.time(), [], len(loader)
+        t0, rows = time.time(), []
         for i, (x, y) in enumerate(loader):
             s = epoch * steps + i
             if old is not None and (s % args.old_every == 0 if args.old_every else i == 0):
@@ -592,15 +546,11 @@ def train(args, ctx, net, train_set, run_dir):
             return None
     return hist
 
-def new_history(grpo):
-    keys = ["step", "lr", "loss", "grad_norm", *(DIAGNOSTICS if grpo else [])]
-    return {"train_loss": [], "sec_per_epoch": [], "series": {k: [] for k in keys}}
-
 def flush(rows, hist, world, epoch, ckpt):
     """Buffered steps -> hist["series"], the mean over ranks (ratio_dev_max: the max); the training
     loop's only host sync. Stops at a non-finite loss or gradient."""
-    steps, lrs = [r[0] for r in rows], [r[1] for r in rows]
-    t = torch.stack([r[2] for r in rows])  # (steps, values)
+    steps, lrs, rows_t = zip(*rows)
+    t = torch.stack(rows_t)  # (steps, values)
     keys = [k for k in hist["series"] if k not in ("step", "lr")]
     if world > 1:
         top = t.clone()
@@ -616,7 +566,7 @@ def flush(rows, hist, world, epoch, ckpt):
             raise RunStopped(f"non-finite loss or gradient at epoch {epoch + 1}, step {s + 1}; "
                              f"last good checkpoint: {last} (lower --lr or use --dtype fp32)")
     for k, v in [("step", steps), ("lr", lrs), *values.items()]:
-        hist["series"][k] += v
+        hist["series"][k] += list(v)
 
 def progress(hist, epoch, epochs, per_epoch, t0, n_images):
     """One line per --log-every steps: where, the last step's recorded values, speed, time left."""
@@ -714,13 +664,11 @@ def host_tensor(shape, dtype, path):
 
 def fit_head(head, feats, labels, epochs, batch_size, lr, device, dtype=torch.float32,
              cols=slice(None), ignore_index=-100, seed=0):
-    """Train a fresh head on cached frozen features (the columns cols of feats): Adam, the
-    training lr rule (Section 4.2: lr per 256 samples, cosine to lr/100), cross-entropy over the
-    labelled samples of each batch. -> the head, in eval mode."""
-    lr_max, lr_min = lr_range(lr, batch_size)
-    opt = torch.optim.Adam(head.parameters(), lr=lr_max, weight_decay=0.0)
+    """Train a fresh head on cached frozen features (the columns cols of feats) with training's
+    optimizer and lr rule and cross-entropy over the labelled samples. -> the head, in eval mode."""
     steps = epochs * math.ceil(len(feats) / batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, lr_min)
+    opt, sched = make_optimizer(head, lr, batch_size, steps, device)
+    cross_entropy = make_loss("ce", ignore_index)
     gen, t0 = torch.Generator().manual_seed(seed), time.time()
     for epoch in range(epochs):
         for idx in torch.randperm(len(feats), generator=gen).split(batch_size):
@@ -729,9 +677,9 @@ def fit_head(head, feats, labels, epochs, batch_size, lr, device, dtype=torch.fl
             y = labels[idx].to(device).long()
             with autocast(device, dtype):
                 logits = head(x)  # (b, c) or (b, c, S, S)
-            loss = F.cross_entropy(logits.float(), y, ignore_index=ignore_index, reduction="sum")
+            loss, _ = cross_entropy(logits, None, y)
             opt.zero_grad(set_to_none=True)
-            (loss / (y != ignore_index).sum().clamp(min=1)).backward()  # no NaN if none labelled
+            loss.backward()
             opt.step()
             sched.step()
         if (epoch + 1) % max(1, epochs // 5) == 0:
@@ -877,22 +825,13 @@ def run(args, ctx):
         print(f"{os.path.basename(run_dir)}: {len(train_set)} train / {len(test)} test images, "
               f"{num_classes} classes, {args.img_size} px, {ctx.world} process(es) on "
               f"{ctx.device.type}, {str(ctx.dtype)[6:]}", flush=True)
-
-    def stop(signum, _):
-        raise RunStopped(f"stopped by {signal.Signals(signum).name}: rerun with --resume to go "
-                         f"on from the last finished epoch ({os.path.join(run_dir, 'ckpt.pt')})")
-    before = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        hist = {"train_loss": [], "sec_per_epoch": [], "series": {}}
-        if args.method != "frozen":
-            hist = train(args, ctx, net, train_set, run_dir)
-        if hist is None or ctx.rank > 0:
-            return None, net
-        t0 = time.time()
-        metrics = evaluate(args, ctx, net, train_eval, test, num_classes, run_dir)
-    finally:
-        for s, h in before.items():
-            signal.signal(s, h)
+    hist = {"train_loss": [], "sec_per_epoch": [], "series": {}}
+    if args.method != "frozen":
+        hist = train(args, ctx, net, train_set, run_dir)
+    if hist is None or ctx.rank > 0:
+        return None, net
+    t0 = time.time()
+    metrics = evaluate(args, ctx, net, train_eval, test, num_classes, run_dir)
     result = {"metrics": metrics, **hist, "eval_seconds": time.time() - t0, "config": vars(args)}
     return finish(run_dir, net, result, ctx, save_backbone=args.method != "frozen"), net
 
@@ -913,17 +852,15 @@ def evaluate(args, ctx, net, train_eval, test, num_classes, run_dir):
     """The frozen post-trained backbone under a fresh head -> metrics; vis.pt with --save-vis."""
     print(f"evaluating: features of {len(train_eval)} + {len(test)} images, then "
           f"{args.eval_epochs} epochs of a fresh head", flush=True)
-    def loader(ds, batch_size):
-        return DataLoader(ds, batch_size, num_workers=args.workers,
-                          pin_memory=ctx.device.type == "cuda")
+    loader = functools.partial(DataLoader, num_workers=args.workers,
+                               pin_memory=ctx.device.type == "cuda")
     fit = dict(epochs=args.eval_epochs, batch_size=args.batch_size, lr=args.eval_lr, seed=args.seed)
     spill = os.path.join(run_dir, "cache")  # features beyond --eval-memory-gb go here
     train_loader = loader(train_eval, args.batch_size)
     try:
         if args.task == "cls":
-            return evaluate_cls(net.eval(), train_loader, loader(test, args.batch_size),
-                                num_classes, ctx.device, ctx.dtype, spill, args.eval_memory_gb,
-                                **fit)
+            return evaluate_cls(net.eval(), train_loader, loader(test, args.batch_size), num_classes,
+                                ctx.device, ctx.dtype, spill, args.eval_memory_gb, **fit)
         metrics, vis = evaluate_seg(
             net.eval(), train_loader, loader(test, 16), num_classes, args.hidden, args.seg_size,
             ctx.device, ctx.dtype, args.feature_type, args.ms_scales, args.save_vis, spill,
@@ -967,12 +904,6 @@ def number(kind, low, high=math.inf, low_open=False):
     parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
     return parse
 
-def json_object(text):  # --hub-kwargs '{"pretrained": false}'
-    value = json.loads(text)  # argparse: "invalid json_object value" on a ValueError
-    if not isinstance(value, dict):
-        raise ValueError(text)
-    return value
-
 EXAMPLES = """examples:
   python3 grpo_rm.py --dataset cifar10 --data-dir data/cifar10 --epochs 5 --subset 0.1
   torchrun --nproc_per_node=4 grpo_rm.py --task seg --dataset voc --data-dir data/voc"""
@@ -999,7 +930,7 @@ def make_parser():
     a("--method", choices=["grpo", "ce", "frozen"], default="grpo", help="ce: fine-tuning")
     a("--model", default="dinov2_vits14", help="hub entry point: dinov2_vit{s,b,l,g}14[_reg]")
     a("--hub-repo", default=HUB_REPO, help="GitHub owner/name[:ref], or a local clone")
-    a("--hub-kwargs", type=json_object, default="{}", help='entry point\'s: {"pretrained": false}')
+    a("--hub-kwargs", type=json.loads, default="{}", help='entry point\'s: {"pretrained": false}')
     a("--weights", help="local state dict of the backbone (offline use); strict load")
     a("--uniformity", choices=sorted(UNIFORMITY), default="eq4", help="Table 6 ablation")
     a("--clip-eps", type=number(float, 0, 1, low_open=True), default=0.2, help="ε of Eq. (1)")
@@ -1028,7 +959,7 @@ def make_parser():
     a("--device", choices=["cuda", "cpu"], help="default: cuda when a GPU is visible")
     a("--dtype", choices=["bf16", "fp32"], help="autocast dtype; default bf16 on GPU, else fp32")
     a("--dist-backend", choices=["nccl", "gloo"], help="torchrun; default nccl on GPU, else gloo")
-    a("--compile", action="store_true", help="torch.compile the model and θ_old too")
+    a("--compile", action="store_true", help="torch.compile the model, θ_old and the loss")
     a("--workers", type=number(int, 0), default=min(8, os.cpu_count() or 1), help="per process")
     a("--out", default="runs", help="each run writes OUT/NAME/result.json")
     a("--name", help="run name; default: derived from the flags")
@@ -1043,6 +974,8 @@ def get_args(argv=None):
     p = make_parser()
     args = p.parse_args(argv)
     spec = DATASETS[args.dataset]
+    if not isinstance(args.hub_kwargs, dict):
+        p.error(f"argument --hub-kwargs: not a JSON object: {args.hub_kwargs}")
     if args.task not in (None, spec.task):
         p.error(f"--task {args.task}: --dataset {args.dataset} is a {spec.task} dataset")
     args.task, seg = spec.task, spec.task == "seg"
@@ -1077,14 +1010,20 @@ def run_name(args):
     parts += [f"old{args.old_every}"] if args.old_every else []
     return "-".join(parts + [f"s{args.seed}", digest])
 
+def stop(signum, _):  # SIGTERM, SIGINT: the run stops at once, with one line
+    raise RunStopped(f"stopped by {signal.Signals(signum).name}: rerun with --resume to go on "
+                     "from the last finished epoch")
+
 def main(argv=None):
     """Returns (result, trained Net) of a run."""
     args = get_args(argv)
-    ctx = setup(args.device, args.dtype, args.dist_backend)
+    before = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return run(args, ctx)
+        return run(args, setup(args.device, args.dtype, args.dist_backend))
     finally:
-        if ctx.world > 1 and dist.is_initialized():
+        for s, h in before.items():
+            signal.signal(s, h)
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 

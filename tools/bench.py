@@ -137,11 +137,11 @@ def bench_methods(args, own, ctx, num_classes, backbone):
 
 def loss_fns(args, ctx):
     """Cross-entropy and GRPO-RM's loss as G.make_loss builds them (with the diagnostics), the
-    latter eagerly and through G.compiled. -> ({name: fn(z, z_old, y) -> (loss, ...)}, compiled)"""
+    latter eagerly and compiled (--compile). -> ({name: fn(z, z_old, y) -> (loss, ...)}, True)"""
     ignore = G.IGNORE if args.task == "seg" else -100
     plain = functools.partial(G.grpo_rm_loss, ignore_index=ignore, with_diagnostics=True,
                               **{k: getattr(args, k) for k in G.LOSS_FLAGS})
-    fast = G.compiled(plain, ctx.device, ctx.dtype)
+    fast = torch.compile(plain, dynamic=True)
     ce = G.make_loss("ce", ignore, ctx.device)
     return {"ce": ce, "grpo_eager": plain, "grpo_compiled": fast}, fast is not plain
 
