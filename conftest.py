@@ -1,5 +1,6 @@
 """Shared fixtures of test_grpo_rm.py and tools/test_*.py: the tiny torch.hub model, tiny datasets
 in the real on-disk layouts, and the DINOv2 and DINOv3 clones where they exist."""
+import importlib.util
 import os
 
 import numpy as np
@@ -36,6 +37,19 @@ def dinov2():
     path = os.environ.get("GRPO_RM_DINOV2", os.path.join(SHARED, "dinov2"))
     if not os.path.isfile(os.path.join(path, "hubconf.py")):
         pytest.skip("no clone of facebookresearch/dinov2 ($GRPO_RM_DINOV2 or ../shared/dinov2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def dinov3():
+    """A clone of facebookresearch/dinov3 (code only): $GRPO_RM_DINOV3, else ../shared/dinov3; its
+    hub code needs torchmetrics and termcolor."""
+    path = os.environ.get("GRPO_RM_DINOV3", os.path.join(SHARED, "dinov3"))
+    if not os.path.isfile(os.path.join(path, "hubconf.py")):
+        pytest.skip("no clone of facebookresearch/dinov3 ($GRPO_RM_DINOV3 or ../shared/dinov3)")
+    for package in ("torchmetrics", "termcolor"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"DINOv3's hub code needs {package}: pip install torchmetrics termcolor")
     return path
 
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -134,31 +135,36 @@ def refresh_old(old, model):
 
 
 # =============================================================================
-# Model: DINOv2 from torch.hub, the classification head and the segmentation head
+# Model: DINOv2 or DINOv3 from torch.hub, the classification head and the segmentation head
 
-# DINOv2 at the commit this file was tested with; torch.hub fetches that tree, not today's main.
-HUB_REPO = "facebookresearch/dinov2:b8931f7bf91576930313be2c6d6af376033b35f0"
+# The commits this file was tested with; torch.hub fetches that tree, not today's main.
+HUB_REPOS = {"dinov2": "facebookresearch/dinov2:b8931f7bf91576930313be2c6d6af376033b35f0",
+             "dinov3": "facebookresearch/dinov3:6876159"}
 HUB_TIMEOUT_S = 30  # the longest torch.hub waits on one network read (a firewall may drop packets)
 
 class UserError(Exception):
     """Bad input: printed as one line that names the flag or file, exit code 2, no traceback."""
 
 def load_backbone(hub_repo, name, weights=None, hub_kwargs=None):
-    """torch.hub.load of DINOv2 from GitHub (owner/name[:ref]) or a local clone; --weights
-    replaces the hub's download of the weights by a local file, loaded strictly."""
+    """torch.hub.load of DINOv2 or DINOv3 from GitHub (owner/name[:ref]) or a local clone; a
+    local weights file replaces the hub's download, loaded strictly. DINOv3's weights are gated:
+    hub_kwargs={"weights": PATH_OR_URL}."""
     kwargs = {**(hub_kwargs or {}), **({"pretrained": False} if weights else {})}
     source = "local" if os.path.isdir(hub_repo) else "github"
     # torch.hub takes a commit only if it heads a branch or tag, unless validation is skipped
-    pinned = len(hub_repo.rsplit(":", 1)[-1]) == 40
+    pinned = re.fullmatch("[0-9a-f]{7,40}", hub_repo.rsplit(":", 1)[-1]) is not None
     default_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(HUB_TIMEOUT_S)  # urllib's reads would otherwise wait without end
     try:
         model = torch.hub.load(hub_repo, name, source=source, trust_repo=True,
                                skip_validation=pinned, **kwargs)
-    except Exception as e:  # no hubconf.py, no such entry point, no network, ...
-        raise UserError(f"--hub-repo {hub_repo} --model {name}: loading failed "
-                        f"({type(e).__name__}: {e}); offline: git clone https://github.com/"
-                        "facebookresearch/dinov2, then --hub-repo DIR --weights FILE") from None
+    except ModuleNotFoundError as e:  # DINOv3's hub code imports packages DINOv2's does not
+        raise UserError(f"--model {name}: its hub code needs {e.name}: pip install torchmetrics "
+                        "termcolor") from None
+    except Exception as e:  # no hubconf.py, no such entry point, no network, a bad weights file
+        raise UserError(f"--hub-repo {hub_repo} --model {name}: loading failed ({type(e).__name__}"
+                        f": {' '.join(str(e).split())[:300]}); offline: git clone the repository,"
+                        " then --hub-repo DIR --weights FILE") from None
     finally:
         socket.setdefaulttimeout(default_timeout)
     if weights:  # a mismatch: torch's message names the missing, unexpected, misshapen keys
@@ -348,10 +354,11 @@ DATASETS = {
 
 def default_img_size(spec, patch):
     """Open in the paper: the input sizes. Table 5's FLOPs fit Tiny-ImageNet at its native 64 px
-    rounded up to the patch (70 for patch 14); CIFAR (42) and STL-10 (98) are taken alike; else
-    224; segmentation 448 (Section 4.2)."""
+    rounded up to ViT-S/14's patch: 5 × 5 patches (70 px); CIFAR (3 × 3, 42 px) and STL-10 (7 × 7,
+    98 px) are taken alike. Other patches keep those token counts (patch 16: 48, 112, 80 px), but
+    never go below the native size (patch 8: 32, 96, 64 px). Else 224; segmentation 448."""
     if spec.native:
-        return math.ceil(spec.native / patch) * patch
+        return max(math.ceil(spec.native / 14), math.ceil(spec.native / patch)) * patch
     return 448 if spec.task == "seg" else 224
 
 def build_data(args, ctx):
@@ -928,9 +935,10 @@ def make_parser():
     a("--data-dir", default="data", help="dataset root (layouts in README.md)")
     a("--num-classes", type=number(int, 2), help="needed for vocfolder; default: the dataset's")
     a("--method", choices=["grpo", "ce", "frozen"], default="grpo", help="ce: fine-tuning")
-    a("--model", default="dinov2_vits14", help="hub entry point: dinov2_vit{s,b,l,g}14[_reg]")
-    a("--hub-repo", default=HUB_REPO, help="GitHub owner/name[:ref], or a local clone")
-    a("--hub-kwargs", type=json.loads, default="{}", help='entry point\'s: {"pretrained": false}')
+    a("--model", default="dinov2_vits14", help="hub entry point: dinov2_vit{s,b,l,g}14[_reg], "
+      "dinov3_vit{s16,s16plus,b16,l16,h16plus}")
+    a("--hub-repo", help="GitHub owner/name[:ref], or a local clone; default: the model's, pinned")
+    a("--hub-kwargs", type=json.loads, default="{}", help='entry point\'s: {"pretrained": false}, {"weights": PATH}')
     a("--weights", help="local state dict of the backbone (offline use); strict load")
     a("--uniformity", choices=sorted(UNIFORMITY), default="eq4", help="Table 6 ablation")
     a("--clip-eps", type=number(float, 0, 1, low_open=True), default=0.2, help="ε of Eq. (1)")
@@ -947,7 +955,8 @@ def make_parser():
       help="fraction of the training set post-trained on")
     a("--augment", action=on_off, default=True, help="random flip (and crop) in training")
     a("--seed", type=int, default=0, help="heads, shuffling, augmentation, --subset")
-    a("--img-size", type=pos_int, help="default: native size rounded up to the patch; 224 / 448")
+    a("--img-size", type=pos_int, help="default: the paper's patches a side (CIFAR 3, STL-10 7, "
+      "Tiny-ImageNet 5), at least the native size; else 224, seg 448")
     a("--seg-size", type=pos_int, default=128, help="seg: patch tokens are upsampled to this size")
     a("--hidden", type=pos_int, help="hidden width of the heads; default 256, 64 for voc")
     a("--eval-epochs", type=pos_int, default=50, help="epochs of the head on frozen features")
@@ -974,6 +983,7 @@ def get_args(argv=None):
     p = make_parser()
     args = p.parse_args(argv)
     spec = DATASETS[args.dataset]
+    args.hub_repo = args.hub_repo or HUB_REPOS["dinov3" if "dinov3" in args.model else "dinov2"]
     if not isinstance(args.hub_kwargs, dict):
         p.error(f"argument --hub-kwargs: not a JSON object: {args.hub_kwargs}")
     if args.task not in (None, spec.task):

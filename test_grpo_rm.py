@@ -570,10 +570,17 @@ def test_pinned_hub_commit_skips_the_branch_check(monkeypatch):
     seen = {}
     monkeypatch.setattr(torch.hub, "load", lambda repo, name, **kw: seen.update(kw, repo=repo))
     with pytest.raises(G.UserError):  # the stub returns None; only the call matters here
-        G.load_backbone(G.HUB_REPO, "dinov2_vits14", "missing.pth")
+        G.load_backbone(G.HUB_REPOS["dinov2"], "dinov2_vits14", "missing.pth")
     # a commit that heads no branch passes torch.hub only without its fork check; --weights
     # disables the hub's own download
-    assert seen["repo"] == G.HUB_REPO and seen["skip_validation"] and seen["pretrained"] is False
+    assert seen["repo"] == G.HUB_REPOS["dinov2"] and seen["skip_validation"]
+    assert seen["pretrained"] is False
+    with pytest.raises(G.UserError):  # DINOv3's pin, an abbreviated commit, skips it too
+        G.load_backbone(G.HUB_REPOS["dinov3"], "dinov3_vits16", "missing.pth")
+    assert seen["repo"] == G.HUB_REPOS["dinov3"] and seen["skip_validation"]
+    with pytest.raises(G.UserError):  # a branch is checked
+        G.load_backbone("facebookresearch/dinov2:main", "dinov2_vits14", "missing.pth")
+    assert not seen["skip_validation"]
 
 
 def test_seg_head_projects_before_upsampling_exactly():
@@ -592,10 +599,13 @@ def test_seg_head_projects_before_upsampling_exactly():
 
 @pytest.mark.parametrize("dataset,patch,expected", [
     ("cifar10", 14, 42), ("cifar100", 14, 42), ("stl10", 14, 98), ("tinyimagenet", 14, 70),
-    ("imagenet", 14, 224), ("voc", 14, 448), ("tinyimagenet", 8, 64), ("cifar10", 8, 32)])
+    ("imagenet", 14, 224), ("voc", 14, 448), ("tinyimagenet", 8, 64), ("cifar10", 8, 32),
+    ("cifar10", 16, 48), ("stl10", 16, 112), ("tinyimagenet", 16, 80), ("imagenet", 16, 224),
+    ("ade20k", 16, 448)])
 def test_default_img_size(dataset, patch, expected):
-    # The native size rounded up to a multiple of the patch: 32 -> 42, 96 -> 98, 64 -> 70 (3, 7, 5
-    # patches of 14); with patch 8, 64 and 32 are multiples already. ImageNet 224, segmentation 448.
+    # The paper's token counts, from ViT-S/14 at the native size rounded up: 32 -> 42, 96 -> 98,
+    # 64 -> 70 (3, 7, 5 patches a side). Patch 16 keeps them (48, 112, 80 px); patch 8 stays at the
+    # native size (32, 64: more patches, never a downscaled image). ImageNet 224, segmentation 448.
     assert G.default_img_size(G.DATASETS[dataset], patch) == expected
 
 
@@ -1353,6 +1363,70 @@ def test_real_vits14_tinyimagenet_at_70px(dinov2, tmp_path):
     assert result["config"]["img_size"] == 70
 
 
+def dinov3_args(repo, data, out, *extra, task="cls"):
+    base = (["--dataset", "imagefolder"] if task == "cls" else
+            ["--dataset", "voc", "--num-classes", "3", "--seg-size", "8", "--ms-scales", "1.0",
+             "1.5", "--feature-type", "linear", "ms"])
+    return [*base, "--data-dir", data, "--hub-repo", repo, "--model", "dinov3_vits16",
+            "--hub-kwargs", PIN, "--img-size", "32", "--batch-size", "8", "--epochs", "1",
+            "--eval-epochs", "1", "--lr", "0.001", "--workers", "0", "--out", str(out),
+            "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("task", ["cls", "seg"])
+def test_real_dinov3_trains_and_evaluates(dinov3, imagefolder, vocfolder, tmp_path, monkeypatch,
+                                          task):
+    seen = _capture_init(monkeypatch)
+    data = imagefolder if task == "cls" else vocfolder
+    result, net = G.main(dinov3_args(dinov3, data, tmp_path, task=task))
+    assert type(net.backbone).__name__ == "DinoVisionTransformer" and net.backbone.patch_size == 16
+    changed = [k for k, p in _trainable(net).items() if not torch.equal(_trainable(seen[0])[k], p)]
+    assert len(changed) == len(_trainable(net))  # every trained parameter of DINOv3 moved
+    m = result["metrics"]
+    if task == "cls":
+        assert 0 <= m["sr"] <= 100 and 0 <= m["knn"] <= 100
+    else:  # 4 val masks of 16 x 16 px, the top row ignored: 960 labelled pixels (scored at 32)
+        assert m["linear"]["labelled_pixels"] == m["ms"]["labelled_pixels"] == 4 * 30 * 32
+
+
+def test_real_dinov3_storage_tokens_never_leak(dinov3):
+    """The class token is the class token and the patch features hold the patches alone: none of
+    DINOv3's 4 storage (register) tokens, at any layer and any input shape."""
+    m = G.load_backbone(dinov3, "dinov3_vits16", hub_kwargs={"pretrained": False}).eval()
+    assert m.n_storage_tokens == 4
+    x = torch.randn(2, 3, 48, 64)  # 3 x 4 patches
+    with torch.no_grad():
+        out = m.forward_features(x)
+        seg, cls = G.Net(m, None, "seg").features, G.Net(m, None, "cls").features
+        patches = out["x_norm_patchtokens"].reshape(2, 3, 4, 384).permute(0, 3, 1, 2)
+        torch.testing.assert_close(seg(x, 1), patches)
+        four = seg(x, 4)
+        assert four.shape == (2, 4 * 384, 3, 4)
+        torch.testing.assert_close(four[:, -384:], patches)  # the last layer, last
+        torch.testing.assert_close(cls(x), out["x_norm_clstoken"])
+        head = G.SegHead(4 * 384, 8, 3, 8)
+        assert G.predict_seg(G.Net(m, None, "seg"), head, x, 8, [1.0, 1.5]).shape == (2, 3, 48, 64)
+
+
+def test_real_dinov3_default_size_keeps_the_papers_tokens(dinov3, tmp_path):
+    root = _tinyimagenet(tmp_path / "tin")  # 64 px: 5 x 5 patches of 14 in the paper -> 80 px
+    result, _ = G.main(["--dataset", "tinyimagenet", "--data-dir", root, "--hub-repo", dinov3,
+                        "--model", "dinov3_vits16", "--hub-kwargs", PIN, "--batch-size", "4",
+                        "--method", "frozen", "--eval-epochs", "1", "--workers", "0", "--out",
+                        str(tmp_path), "--device", "cpu"])
+    assert result["config"]["img_size"] == 80
+
+
+def test_dinov3_without_its_packages_is_one_line(dinov3, tmp_path):
+    code = ("import sys; sys.modules['torchmetrics'] = None; import grpo_rm as G; "
+            f"G.cli({cls_args(dinov3, str(tmp_path), tmp_path, '--model', 'dinov3_vits16')!r})")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
+                       timeout=300)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert lines[0].endswith("needs torchmetrics: pip install torchmetrics termcolor"), lines
+
+
 def test_cli_bad_inputs(hub, imagefolder, tmp_path, monkeypatch):
     base = cls_args(hub, imagefolder, tmp_path)
     (tmp_path / "empty").mkdir()
@@ -1474,7 +1548,9 @@ def test_defaults_follow_the_paper():
     assert (s.task, s.batch_size, s.lr, s.hidden, s.background_penalty) == (
         "seg", 256, 1e-5, 64, True)
     assert G.get_args(["--dataset", "ade20k"]).background_penalty is False
-    assert G.HUB_REPO.startswith("facebookresearch/dinov2:") and len(G.HUB_REPO.split(":")[1]) == 40
+    assert a.hub_repo == G.HUB_REPOS["dinov2"] and len(a.hub_repo.split(":")[1]) == 40
+    v3 = G.get_args(["--dataset", "cifar10", "--device", "cpu", "--model", "dinov3_vits16"])
+    assert v3.hub_repo.startswith("facebookresearch/dinov3:")
 
 
 @pytest.mark.parametrize("flag,bad", [

@@ -83,7 +83,7 @@ def bench_build(args, ctx, method, num_classes, backbone):
     b, S = args.batch_size // ctx.world, args.img_size
     x = torch.randn(b, 3, S, S, device=ctx.device)
     y = torch.randint(0, num_classes, (b, S, S) if seg else (b,), device=ctx.device)
-    loss_fn = G.make_loss(method, G.IGNORE if seg else -100, ctx.device, ctx.dtype,
+    loss_fn = G.make_loss(method, G.IGNORE if seg else -100, args.compile,
                           **{k: getattr(args, k) for k in G.LOSS_FLAGS})
     step = functools.partial(G.train_step, model, old, opt, loss_fn, x, y, seg, ctx.dtype,
                              ctx.world)
@@ -142,7 +142,7 @@ def loss_fns(args, ctx):
     plain = functools.partial(G.grpo_rm_loss, ignore_index=ignore, with_diagnostics=True,
                               **{k: getattr(args, k) for k in G.LOSS_FLAGS})
     fast = torch.compile(plain, dynamic=True)
-    ce = G.make_loss("ce", ignore, ctx.device)
+    ce = G.make_loss("ce", ignore)
     return {"ce": ce, "grpo_eager": plain, "grpo_compiled": fast}, fast is not plain
 
 def saved_bytes(fn, inputs, cuda):

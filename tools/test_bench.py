@@ -96,3 +96,13 @@ def test_real_vits14_macs_match_table5(dinov2):
     for size, paper in ((224, 5.66e12), (70, 5.72e11)):
         macs = B.linear_macs(net, torch.zeros(1, 3, size, size)) * 1024
         assert macs == pytest.approx(paper, rel=0.01), (size, macs)
+
+
+def test_real_dinov3_vits16_macs(dinov3):
+    # ViT-S/16 has ViT-S/14's layers (21.23 M MACs per token) and a 16 x 16 patch embedding
+    # (0.295 M per patch): 224 px -> 196 patches + the class token + 4 storage tokens = 201 tokens
+    # -> 4.27 G + 0.06 G = 4.33 G per image, 21% below ViT-S/14's 5.51 G.
+    m = torch.hub.load(dinov3, "dinov3_vits16", source="local", pretrained=False).eval()
+    net = G.Net(m, torch.nn.Linear(384, 1), "cls")
+    macs = B.linear_macs(net, torch.zeros(1, 3, 224, 224))
+    assert macs == pytest.approx(201 * 21.23e6 + 196 * 16 * 16 * 3 * 384, rel=0.005), macs
