@@ -7,8 +7,9 @@
 #   NPROC      processes (GPUs) per run [4; mini and stable: 1]
 #   DATA_ROOT  the datasets, in the layouts of README.md [data; mini and stable: ../shared/data,
 #              where the miniature's cifar10_jpg_mini/ tiny-imagenet-200-mini/ camvid_voc/ are]:
-#              cifar10/ cifar100/ stl10/ (torchvision), tiny-imagenet-200/, imagenet/{train,val}/,
-#              voc/VOCdevkit/VOC2012/, ade20k/ADEChallengeData2016/, cocostuff/{images,stuffthingmaps}/
+#              cifar10/ cifar100/ stl10/ (torchvision), tinyimagenet/, imagenet/{train,val}/,
+#              voc/VOCdevkit/VOC2012/, ade20k/, cocostuff/ (tinyimagenet, ade20k and cocostuff as
+#              tools/prepare_data.py leaves them; the targets that need them run it first)
 #   OUT        runs go to OUT/NAME/result.json [runs; mini and stable: runs-mini]
 #   SEEDS      seeds of the configurations the paper ran 5 times ["0 1 2 3 4"]; the rows it ran
 #              once (frozen DINOv2, Table 4, Table 6) take the first seed only
@@ -62,6 +63,15 @@ run() {
 
 report() { wait; "$PYTHON" tools/report.py "$OUT"; }
 
+# path DIR: DIR under DATA_ROOT, or DIR itself if it is absolute
+path() { if [[ $1 == /* ]]; then echo "$1"; else echo "$DATA_ROOT/$1"; fi; }
+# prepare NAME DIR [SRC]: tools/prepare_data.py puts NAME into DIR's layout (from SRC, an official
+# copy extracted already, or downloaded); what is there already is kept
+prepare() {
+  local src=(); if [[ -n ${3:-} ]]; then src=(--src "$3"); fi
+  "$PYTHON" tools/prepare_data.py "$1" --data-dir "$(path "$2")" "${src[@]}"
+}
+
 # METHOD: frozen, ce or grpo-UNIFORMITY -> the flags in the array m
 method_flags() {
   m=(--method "${1%%-*}")
@@ -71,7 +81,7 @@ method_flags() {
 cls() {
   local ds=$1 dir=$2 method=$3 seed=$4 m; shift 4
   method_flags "$method"
-  run "cls-$ds-$method${TAG:+-$TAG}-s$seed" --dataset "$ds" --data-dir "$DATA_ROOT/$dir" \
+  run "cls-$ds-$method${TAG:+-$TAG}-s$seed" --dataset "$ds" --data-dir "$(path "$dir")" \
     "${m[@]}" --seed "$seed" "$@"
 }
 # seg DATASET DIR METHOD SEED SUBSET [FLAG...]: one post-training, evaluated with the linear and
@@ -79,14 +89,15 @@ cls() {
 seg() {
   local ds=$1 dir=$2 method=$3 seed=$4 subset=$5 m; shift 5
   method_flags "$method"
-  run "seg-$ds-$method-sub$subset-s$seed" --dataset "$ds" --data-dir "$DATA_ROOT/$dir" "${m[@]}" \
+  run "seg-$ds-$method-sub$subset-s$seed" --dataset "$ds" --data-dir "$(path "$dir")" "${m[@]}" \
     --seed "$seed" --subset "$subset" --feature-type linear ms --save-vis 8 "$@"
 }
-CLS_SETS=("cifar10 cifar10" "cifar100 cifar100" "stl10 stl10" "tinyimagenet tiny-imagenet-200" \
+CLS_SETS=("cifar10 cifar10" "cifar100 cifar100" "stl10 stl10" "tinyimagenet tinyimagenet" \
           "imagenet imagenet")
 
 table3() {  # also Figure 3's runs (Tiny-ImageNet, ImageNet: ce and grpo)
   local set seed method
+  prepare tinyimagenet tinyimagenet
   for set in "${CLS_SETS[@]}"; do
     # shellcheck disable=SC2086  # $set is "NAME DIR"
     cls $set frozen "$FIRST"
@@ -105,15 +116,16 @@ seg_table() {  # DATASET DIR SEEDS: frozen once; ce and grpo on 10% and on all o
     seg "$ds" "$dir" "$method" "$seed" "$subset"
   done; done; done
 }
-table2() { seg_table voc voc "$SEEDS"; seg_table ade20k ade20k "$SEEDS"; }
-table4() { seg_table cocostuff cocostuff "$FIRST"; }  # single runs in the paper
+table2() { seg_table voc voc "$SEEDS"; prepare ade20k ade20k; seg_table ade20k ade20k "$SEEDS"; }
+table4() { prepare cocostuff cocostuff; seg_table cocostuff cocostuff "$FIRST"; }  # single runs
 fig2() { seg voc voc frozen "$FIRST" 1; seg voc voc ce "$FIRST" 1; seg voc voc grpo-eq4 "$FIRST" 1; }
 
 table6() {  # uniformity ablation, single runs in the paper; the eq4 runs are Table 3's / 2's
   local u
+  prepare tinyimagenet tinyimagenet
   for u in none eq5 eq4; do
     cls stl10 stl10 "grpo-$u" "$FIRST"
-    cls tinyimagenet tiny-imagenet-200 "grpo-$u" "$FIRST"
+    cls tinyimagenet tinyimagenet "grpo-$u" "$FIRST"
     cls imagenet imagenet "grpo-$u" "$FIRST"
     seg voc voc "grpo-$u" "$FIRST" 1
   done
@@ -136,6 +148,11 @@ table5() {  # the paper's batch over NPROC processes, synthetic batches of each 
 # epoch: 320 CIFAR-10 and 320 Tiny-ImageNet images (batch 20), 128 CamVid images (batch 8). The
 # evaluation heads always train on the whole training split.
 want() { [[ " ${SETS:-cifar10 tinyimagenet camvid} " == *" $1 "* ]]; }  # mini: SETS names $1
+# The miniature's Tiny-ImageNet (official layout) in the layout grpo_rm.py reads, under OUT
+tin_mini() {
+  TIN_MINI=$(realpath -m "$OUT/data/tinyimagenet-mini")
+  prepare tinyimagenet "$TIN_MINI" "$DATA_ROOT/tiny-imagenet-200-mini" > /dev/null
+}
 
 mini() {
   local c10 tin cam cam_sub
@@ -148,12 +165,13 @@ mini() {
   fi
   local seed method lr
   local c10_flags=(--img-size 32 "${c10[@]}" --epochs 100 --eval-lr 1e-3 --workers 2)
+  if want tinyimagenet; then tin_mini; fi
   for seed in $SEEDS; do for method in frozen ce grpo-eq4; do
     if want cifar10; then
       cls imagefolder cifar10_jpg_mini "$method" "$seed" "${c10_flags[@]}"
     fi
     if want tinyimagenet; then
-      cls tinyimagenet tiny-imagenet-200-mini "$method" "$seed" "${tin[@]}" --epochs 100 --workers 2
+      cls tinyimagenet "$TIN_MINI" "$method" "$seed" "${tin[@]}" --epochs 100 --workers 2
     fi
     if want camvid; then
       seg vocfolder camvid_voc "$method" "$seed" "$cam_sub" --num-classes 11 --img-size 64 \
@@ -186,6 +204,7 @@ stable() {
   local -A flags=([paper]="" [dc3]="--dual-clip 3" [old1]="--old-every 1" [old8]="--old-every 8"
                   [dc3kl1]="--dual-clip 3 --kl-coef 1")
   local seed v
+  if [[ " ${SETS:-cifar10} " == *" tinyimagenet "* ]]; then tin_mini; fi
   for seed in $SEEDS; do for v in ${VARIANTS:-frozen ce paper dc3 old1 old8 dc3kl1}; do
     if [[ " ${SETS:-cifar10} " == *" cifar10 "* ]]; then
       if [[ $v == ce || $v == frozen ]]; then
@@ -197,10 +216,10 @@ stable() {
     fi
     if [[ " ${SETS:-cifar10} " == *" tinyimagenet "* ]]; then
       if [[ $v == ce || $v == frozen ]]; then
-        TAG= cls tinyimagenet tiny-imagenet-200-mini "$v" "$seed" "${tin[@]}" --workers 1
+        TAG= cls tinyimagenet "$TIN_MINI" "$v" "$seed" "${tin[@]}" --workers 1
       else
         # shellcheck disable=SC2086
-        TAG=$v cls tinyimagenet tiny-imagenet-200-mini grpo-eq4 "$seed" "${tin[@]}" --workers 1 \
+        TAG=$v cls tinyimagenet "$TIN_MINI" grpo-eq4 "$seed" "${tin[@]}" --workers 1 \
           ${flags[$v]}
       fi
     fi

@@ -609,6 +609,16 @@ def test_default_img_size(dataset, patch, expected):
     assert G.default_img_size(G.DATASETS[dataset], patch) == expected
 
 
+def test_image_folder_reads_val_before_test(imagefolder, tmp_path):
+    """ImageNet's test/ has no labels: where both are there, val/ is the evaluation split."""
+    shutil.copytree(os.path.join(imagefolder, "test"), tmp_path / "val")
+    shutil.copytree(os.path.join(imagefolder, "train"), tmp_path / "train")
+    os.makedirs(tmp_path / "test" / "unlabelled")
+    image(np.random.default_rng(0), 0).save(tmp_path / "test" / "unlabelled" / "0.png")
+    test = G.DATASETS["imagenet"].build(str(tmp_path), "test", None)
+    assert test.root == str(tmp_path / "val") and len(test) == 12
+
+
 def _label_coded_pair(size=128):
     """An image whose colour encodes its own label: a 4 x 4 grid of 16 classes, each its colour."""
     rows, cols = np.indices((size, size)) // (size // 4)
@@ -1242,6 +1252,26 @@ def test_ms_evaluation_reuses_one_post_training(hub, vocfolder, tmp_path):
     vis = torch.load(_run_dir(tmp_path / "b", "seg-voc-grpo-eq4-s0") / "vis.pt")
     assert vis["image"].shape == (4, 3, 16, 16)  # 9 asked, 4 test images
     assert both["metrics"]["linear"] == pytest.approx(lin["metrics"]["linear"], abs=1e-9)
+
+
+def test_extract_with_plain_values(tmp_path):
+    """extract() on any model and loader: every image once, in order, features in the autocast
+    dtype, label maps resized by nearest neighbour; beyond memory_gb the cache is a file under
+    spill, with the same values."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 3, 8, 8, generator=g), torch.randint(0, 3, (10, 8, 8), generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    model = torch.nn.Conv2d(3, 5, 4, 4)  # (B, 5, 2, 2) "patch features"
+    cpu = torch.device("cpu")
+    feats, labels = G.extract(model, loader, cpu, label_size=4)
+    torch.testing.assert_close(feats, model(x).detach())
+    assert labels.dtype == torch.uint8 and torch.equal(labels, G.resize_labels(y, 4).byte())
+    spilled, spilled_labels = G.extract(model, loader, cpu, label_size=4, spill=str(tmp_path),
+                                        memory_gb=1e-9)
+    assert sorted(os.listdir(tmp_path)) == ["feats.bin", "labels.bin"]
+    assert torch.equal(spilled, feats) and torch.equal(spilled_labels, labels)
+    half, _ = G.extract(model, loader, cpu, torch.bfloat16)
+    assert half.dtype == torch.bfloat16
 
 
 def _rss_anon_mb():
