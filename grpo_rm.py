@@ -41,21 +41,18 @@ from torchvision.transforms import v2
 
 # =============================================================================
 # The method: rewards (Eqs. 3-6), advantages (Eq. 2), the clipped objective (Eq. 1, β = 0), θ_old.
-# It needs torch and the standard library (import copy, math, torch, torch.nn.functional as F)
-# and can be copied whole.
-
-def uniformity_eq4(p_old, labels):
-    return -p_old  # Eq. (4): r_uni_i = -p_i, the GRPO-RM default
+# Self-contained (copy, math, torch, torch.nn.functional as F): it can be copied whole.
 
 def uniformity_eq5(p_old, labels):
     c, k = p_old.shape[1], labels[:, None]
     p_k = p_old.gather(1, k)  # (N, 1): the old probability of the true class
     return ((1 - p_k) / (c - 1) - p_old).scatter(1, k, p_k)  # Eq. (5): i ≠ k; p_k for i = k
 
-def uniformity_none(p_old, labels):
-    return torch.zeros_like(p_old)  # Table 6, "set to 0": the accuracy reward alone
-
-UNIFORMITY = {"eq4": uniformity_eq4, "eq5": uniformity_eq5, "none": uniformity_none}
+UNIFORMITY = {  # r_uni (N, c) from the old probabilities (N, c) and the labels (N,)
+    "eq4": lambda p_old, labels: -p_old,  # Eq. (4): r_uni_i = -p_i, the GRPO-RM default
+    "eq5": uniformity_eq5,
+    "none": lambda p_old, labels: torch.zeros_like(p_old),  # Table 6, "set to 0": r_acc alone
+}
 
 def rewards(old_probs, labels, uniformity="eq4", background_penalty=False):
     """The reward of each of the c outputs of each sample, from the OLD policy's probabilities
@@ -272,8 +269,7 @@ def with_download(root, what, get, hint=None):
 def torchvision_set(cls, **splits):
     """CIFAR-10/100, STL-10: torchvision's datasets, downloaded by torchvision when missing."""
     def build(root, split, transform):
-        def get(download):
-            return cls(root, download=download, transform=transform, **splits[split])
+        get = lambda d: cls(root, download=d, transform=transform, **splits[split])
         return with_download(root, cls.__name__, get)
     return build
 
@@ -283,11 +279,10 @@ def image_folder(prepare=None):
     Here val/ sorted into class folders, as torchvision's ImageNet."""
     def build(root, split, transform):
         subs = ["train"] if split == "train" else ["val", "test"]  # ImageNet's test/: no labels
-        for sub in subs:
-            if os.path.isdir(os.path.join(root, sub)):
+        for path in [os.path.join(root, sub) for sub in subs]:
+            if os.path.isdir(path):
                 try:
-                    return torchvision.datasets.ImageFolder(os.path.join(root, sub), transform,
-                                                            loader=read_image)
+                    return torchvision.datasets.ImageFolder(path, transform, loader=read_image)
                 except (FileNotFoundError, RuntimeError) as e:
                     raise UserError(f"--data-dir {root}: {e}") from None
         hint = "; " + PREPARE.format(prepare, root) if prepare else ""
@@ -300,8 +295,7 @@ def resize_labels(y, size):
 
 class SegFiles(torchvision.datasets.VOCSegmentation):
     """Pascal VOC 2012's layout (VOCdevkit/VOC2012/), listed by torchvision -> (image (3, S, S),
-    labels (S, S)); the masks (palette or grey 8-bit PNGs) hold the classes, IGNORE unlabelled;
-    image and mask transformed alike."""
+    labels (S, S)); the masks (palette or grey 8-bit PNGs) hold the classes, IGNORE unlabelled."""
 
     def __init__(self, root, image_set, download, num_classes, transform):
         super().__init__(root, "2012", image_set, download=download)
@@ -321,8 +315,7 @@ class SegFiles(torchvision.datasets.VOCSegmentation):
         return img, mask[0]
 
 def voc(download=False, prepare=None):
-    """VOC itself (downloaded), ADE20k and COCO-stuff as tools/prepare_data.py leaves them, and any
-    set in VOC's layout (vocfolder)."""
+    """VOC (downloaded); ADE20k, COCO-stuff as tools/prepare_data.py leaves them; any VOC layout."""
     def build(root, split, transform, c):
         image_set = "train" if split == "train" else "val"
         get = lambda d: SegFiles(root, image_set, d, c, transform)
@@ -377,7 +370,6 @@ def build_data(args, ctx):
         raise UserError(f"--num-classes {args.num_classes}: --data-dir {root} has "
                         f"{len(train.classes)} classes")
     num_classes = num_classes if seg else len(train.classes)
-
     def check_test():  # every test file read before training, on rank 0 (the others wait):
         top = -1  # a bad one found only in the evaluation would cost the run
         for _, y in DataLoader(test, args.batch_size, num_workers=args.workers):
@@ -443,10 +435,8 @@ def rank0_first(ctx, fn, alone=False):
     said = [None if error is None else str(error)]
     if ctx.world > 1:
         dist.broadcast_object_list(said, src=0, group=ctx.wait_group)
-    if error is not None:
-        raise error
-    if said[0] is not None:  # rank 0 reports it; here a quiet exit with the same code
-        raise Relayed(said[0])
+    if said[0] is not None:  # rank 0 reports its own; the others exit quietly with the same code
+        raise error if error is not None else Relayed(said[0])
     return out if ctx.rank == 0 or alone else fn()
 
 LOSS_FLAGS = ("clip_eps", "uniformity", "background_penalty", "dual_clip", "kl_coef")
@@ -481,16 +471,12 @@ def make_optimizer(net, lr, batch_size, steps, device):
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, lr / 100 * batch_size / 256)
 
 def train_step(model, old, opt, loss_fn, x, y, seg=False, dtype=torch.float32, world=1):
-    """One optimisation step on a batch on the device -> [loss, grad norm, *diagnostics], a device
-    tensor: no host sync."""
+    """One optimisation step on a device batch -> [loss, grad norm, *diagnostics]: no host sync."""
     def flat(z):  # (B, c, S, S) -> (B·S·S, c), pixel-major like the labels; a view, not a
         return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]) if seg else z  # copy: NHWC memory
-
     with autocast(x.device, dtype):
-        old_logits = None
-        if old is not None:
-            with torch.no_grad():  # π_θold(·|x), Algorithm 1 line 5; first, so that its transient
-                old_logits = flat(old(x))  # activations are freed before the graph's pile up
+        with torch.no_grad():  # π_θold(·|x), Algorithm 1 line 5; first, so that its transient
+            old_logits = None if old is None else flat(old(x))  # activations are freed first
         logits = model(x)  # (B, c) or (B, c, S, S)
         if seg:  # every labelled pixel of the S × S logit map is a sample
             y = resize_labels(y, logits.shape[-1]).reshape(-1)  # (B·S·S,)
@@ -515,9 +501,9 @@ def train(args, ctx, net, train_set, run_dir):
     loader = DataLoader(train_set, args.batch_size // ctx.world, sampler=sampler,
                         num_workers=args.workers, pin_memory=ctx.device.type == "cuda")
     model, old, old_fwd = make_models(net, args.method, ctx.world, args.compile)
-    steps = len(loader)  # a rank's steps an epoch
+    steps, seg = len(loader), args.task == "seg"  # a rank's steps an epoch
     opt, sched = make_optimizer(net, args.lr, args.batch_size, args.epochs * steps, ctx.device)
-    loss_fn = make_loss(args.method, IGNORE if args.task == "seg" else -100, args.compile,
+    loss_fn = make_loss(args.method, IGNORE if seg else -100, args.compile,
                         **{k: getattr(args, k) for k in LOSS_FLAGS})
     keys = ["step", "lr", "loss", "grad_norm", *(DIAGNOSTICS if old is not None else [])]
     hist = {"train_loss": [], "sec_per_epoch": [], "series": {k: [] for k in keys}}
@@ -535,8 +521,7 @@ def train(args, ctx, net, train_set, run_dir):
             if old is not None and (s % args.old_every == 0 if args.old_every else i == 0):
                 refresh_old(old, net)  # Algorithm 1, line 3: once an epoch, or every --old-every
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-            row = train_step(model, old_fwd, opt, loss_fn, x, y, args.task == "seg", ctx.dtype,
-                             ctx.world)
+            row = train_step(model, old_fwd, opt, loss_fn, x, y, seg, ctx.dtype, ctx.world)
             rows.append((s, sched.get_last_lr()[0], row))
             sched.step()
             if s % args.log_every == 0 or i == steps - 1:  # the loop's only host syncs
@@ -620,11 +605,9 @@ def load_checkpoint(path, config, world, net, old, opt, sched):
     if diff:
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in diff)
         raise UserError(f"--resume: {path} was written with other settings ({flags})")
-    net.load_state_dict(ckpt["model"])
-    if old is not None:
-        old.load_state_dict(ckpt["old"])
-    opt.load_state_dict(ckpt["opt"])
-    sched.load_state_dict(ckpt["sched"])
+    for part, key in [(net, "model"), (old, "old"), (opt, "opt"), (sched, "sched")]:
+        if part is not None:  # θ_old is None for fine-tuning
+            part.load_state_dict(ckpt[key])
     return ckpt["epoch"], ckpt["hist"]
 
 
@@ -646,17 +629,14 @@ def extract(features, loader, device, dtype=torch.float32, label_size=None, spil
     i, n, t0 = 0, len(loader.dataset), time.time()
     for b, (x, y) in enumerate(loader):
         if b % max(1, len(loader) // 5) == 0 and i:  # progress, 5 lines a split
-            left = (time.time() - t0) / i * (n - i)
-            print(f"  features: {i}/{n} images, ETA {datetime.timedelta(seconds=round(left))}",
-                  flush=True)
+            eta = datetime.timedelta(seconds=round((time.time() - t0) / i * (n - i)))
+            print(f"  features: {i}/{n} images, ETA {eta}", flush=True)
         with autocast(device, dtype):
             f = features(x.to(device, non_blocking=True)).to(dtype)
         y = y if label_size is None else resize_labels(y, label_size).to(torch.uint8)
         if feats is None:  # the shapes are known now
             per_image = f[0].numel() * f.element_size() + y[0].numel() * y.element_size()
             on_disk = spill is not None and n * per_image > memory_gb * 2**30
-            if on_disk:
-                os.makedirs(spill, exist_ok=True)
             feats = host_tensor((n, *f.shape[1:]), f.dtype, on_disk and f"{spill}/feats.bin")
             labels = host_tensor((n, *y.shape[1:]), y.dtype, on_disk and f"{spill}/labels.bin")
         feats[i:i + len(f)], labels[i:i + len(f)] = f.cpu(), y
@@ -667,6 +647,7 @@ def host_tensor(shape, dtype, path):
     """A tensor in RAM, or (path given) memory-mapped from that file, made or grown to fit."""
     if not path:
         return torch.empty(shape, dtype=dtype)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     return torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
 
 def fit_head(head, feats, labels, epochs, batch_size, lr, device, dtype=torch.float32,
@@ -681,13 +662,8 @@ def fit_head(head, feats, labels, epochs, batch_size, lr, device, dtype=torch.fl
         for idx in torch.randperm(len(feats), generator=gen).split(batch_size):
             idx = idx.sort().values  # a memory-mapped cache is read front to back
             x = feats[idx, cols].to(device).float()  # (b, D) or (b, D, h, w): those layers
-            y = labels[idx].to(device).long()
-            with autocast(device, dtype):
-                logits = head(x)  # (b, c) or (b, c, S, S)
-            loss, _ = cross_entropy(logits, None, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            y = labels[idx].to(device).long()  # label maps cached at the head's output size
+            train_step(head, None, opt, cross_entropy, x, y, False, dtype)  # training's step
             sched.step()
         if (epoch + 1) % max(1, epochs // 5) == 0:
             print(f"  evaluation head: epoch {epoch + 1}/{epochs}, {time.time() - t0:.0f} s",
@@ -750,8 +726,7 @@ def predict_seg(net, head, x, seg_size, ms_scales=(), dtype=torch.float32):
     """Class probabilities (B, c, H, W) at the input resolution. Without ms_scales ("linear"): the
     last layer at scale 1. With them ("ms"): the 4-layer head averaged over the scales and
     horizontal flips, as DINOv2's multi-scale evaluation does. Each view is one backbone pass."""
-    H, W = x.shape[-2:]
-    p = net.backbone.patch_size
+    (H, W), p = x.shape[-2:], net.backbone.patch_size
     views = [(s, flip) for s in ms_scales for flip in (False, True)] or [(1, False)]
     probs = 0
     for s, flip in views:
@@ -808,19 +783,22 @@ def evaluate_seg(net, train_loader, test_loader, num_classes, hidden, seg_size, 
 def run(args, ctx):
     """One experiment -> (result dict, the trained Net). Rank 0 evaluates alone: the other ranks
     return (None, Net) after training, as every rank does when --stop-after-epoch ends the run."""
-    def load():  # rank 0 first: the hub's download and cache
-        torch.manual_seed(args.seed)  # a randomly initialised backbone: the same on every rank
-        return load_backbone(args.hub_repo, args.model, args.weights, args.hub_kwargs)
-
-    backbone = rank0_first(ctx, load)
+    torch.manual_seed(args.seed)  # a randomly initialised backbone: the same on every rank
+    backbone = rank0_first(ctx, lambda: load_backbone(args.hub_repo, args.model, args.weights,
+                                                      args.hub_kwargs))  # the hub's cache
     patch = backbone.patch_size
     args.img_size = args.img_size or default_img_size(DATASETS[args.dataset], patch)
     if args.img_size % patch:
         raise UserError(f"--img-size {args.img_size} is not a multiple of the patch size {patch}")
     run_dir = os.path.join(args.out, args.name or run_name(args))
-    finished = earlier_run(run_dir, args.resume, args.force)
-    if finished:
-        return finished, None
+    done = os.path.join(run_dir, "result.json")  # a run folder is never silently overwritten:
+    if os.path.exists(done) and not args.force:  # a finished run is not run again
+        print(f"{run_dir}: finished already; --force runs it again", flush=True)
+        with open(done) as f:
+            return json.load(f), None
+    if os.path.exists(os.path.join(run_dir, "ckpt.pt")) and not (args.resume or args.force):
+        raise UserError(f"{run_dir} holds an unfinished run: --resume continues it, --force "
+                        "starts afresh")
     num_classes, train_set, train_eval, test = build_data(args, ctx)
     torch.manual_seed(args.seed)  # the head's initialisation, reproducible
     net = build_net(backbone, args.task, num_classes, args.hidden, args.seg_size).to(ctx.device)
@@ -842,19 +820,6 @@ def run(args, ctx):
     result = {"metrics": metrics, **hist, "eval_seconds": time.time() - t0, "config": vars(args)}
     return finish(run_dir, net, result, ctx, save_backbone=args.method != "frozen"), net
 
-def earlier_run(run_dir, resume=False, force=False):
-    """A run folder is never silently overwritten: a finished run's result (it is not run again),
-    or a refusal to start over an unfinished one, unless force."""
-    done = os.path.join(run_dir, "result.json")
-    if os.path.exists(done) and not force:
-        print(f"{run_dir}: finished already; --force runs it again", flush=True)
-        with open(done) as f:
-            return json.load(f)
-    if os.path.exists(os.path.join(run_dir, "ckpt.pt")) and not (resume or force):
-        raise UserError(f"{run_dir} holds an unfinished run: --resume continues it, --force "
-                        "starts afresh")
-    return None
-
 def evaluate(args, ctx, net, train_eval, test, num_classes, run_dir):
     """The frozen post-trained backbone under a fresh head -> metrics; vis.pt with --save-vis."""
     print(f"evaluating: features of {len(train_eval)} + {len(test)} images, then "
@@ -863,13 +828,13 @@ def evaluate(args, ctx, net, train_eval, test, num_classes, run_dir):
                                pin_memory=ctx.device.type == "cuda")
     fit = dict(epochs=args.eval_epochs, batch_size=args.batch_size, lr=args.eval_lr, seed=args.seed)
     spill = os.path.join(run_dir, "cache")  # features beyond --eval-memory-gb go here
-    train_loader = loader(train_eval, args.batch_size)
+    net, train_loader = net.eval(), loader(train_eval, args.batch_size)
     try:
         if args.task == "cls":
-            return evaluate_cls(net.eval(), train_loader, loader(test, args.batch_size), num_classes,
+            return evaluate_cls(net, train_loader, loader(test, args.batch_size), num_classes,
                                 ctx.device, ctx.dtype, spill, args.eval_memory_gb, **fit)
         metrics, vis = evaluate_seg(
-            net.eval(), train_loader, loader(test, 16), num_classes, args.hidden, args.seg_size,
+            net, train_loader, loader(test, 16), num_classes, args.hidden, args.seg_size,
             ctx.device, ctx.dtype, args.feature_type, args.ms_scales, args.save_vis, spill,
             args.eval_memory_gb, **fit)
     finally:
@@ -911,6 +876,9 @@ def number(kind, low, high=math.inf, low_open=False):
     parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
     return parse
 
+POS_INT, POS_FLOAT = number(int, 1), number(float, 0, low_open=True)  # argparse types
+FRACTION = number(float, 0, 1, low_open=True)  # --clip-eps, --subset
+
 EXAMPLES = """examples:
   python3 grpo_rm.py --dataset cifar10 --data-dir data/cifar10 --epochs 5 --subset 0.1
   torchrun --nproc_per_node=4 grpo_rm.py --task seg --dataset voc --data-dir data/voc"""
@@ -926,43 +894,41 @@ class Parser(argparse.ArgumentParser):
         super().error(message)
 
 def make_parser():
-    p = Parser(description="GRPO-RM, fine-tuning or frozen DINOv2, evaluated on frozen features",
+    p = Parser(description="GRPO-RM, fine-tuning or frozen DINOv2/DINOv3, evaluated frozen",
                formatter_class=Help, epilog=EXAMPLES)
     a, on_off = p.add_argument, argparse.BooleanOptionalAction
-    pos_int, pos_float = number(int, 1), number(float, 0, low_open=True)
     a("--task", choices=["cls", "seg"], help="default: the dataset's")
     a("--dataset", choices=sorted(DATASETS), required=True, help="what to post-train on")
     a("--data-dir", default="data", help="dataset root (layouts in README.md)")
     a("--num-classes", type=number(int, 2), help="needed for vocfolder; default: the dataset's")
     a("--method", choices=["grpo", "ce", "frozen"], default="grpo", help="ce: fine-tuning")
-    a("--model", default="dinov2_vits14", help="hub entry point: dinov2_vit{s,b,l,g}14[_reg], "
-      "dinov3_vit{s16,s16plus,b16,l16,h16plus}")
+    a("--model", default="dinov2_vits14", help="dinov2_vit{s,b,l,g}14[_reg], dinov3_vit*16*")
     a("--hub-repo", help="GitHub owner/name[:ref], or a local clone; default: the model's, pinned")
-    a("--hub-kwargs", type=json.loads, default="{}", help='entry point\'s: {"pretrained": false}, {"weights": PATH}')
+    a("--hub-kwargs", type=json.loads, default="{}",
+      help='the entry point\'s: {"pretrained": false}, DINOv3\'s {"weights": PATH_OR_URL}')
     a("--weights", help="local state dict of the backbone (offline use); strict load")
     a("--uniformity", choices=sorted(UNIFORMITY), default="eq4", help="Table 6 ablation")
-    a("--clip-eps", type=number(float, 0, 1, low_open=True), default=0.2, help="ε of Eq. (1)")
+    a("--clip-eps", type=FRACTION, default=0.2, help="ε of Eq. (1)")
     a("--background-penalty", action=on_off, help="seg: r_0 -= c/2 after Eq. (6); default: voc")
     a("--dual-clip", type=number(float, 1, low_open=True), metavar="C",
       help="not in the paper: bound the terms of A < 0 below by C·A (dual-clip PPO uses 3)")
-    a("--kl-coef", type=pos_float, metavar="k", help="not in the paper: + k·KL(π_θold‖π_θ)")
-    a("--old-every", type=pos_int, metavar="K",
+    a("--kl-coef", type=POS_FLOAT, metavar="k", help="not in the paper: + k·KL(π_θold‖π_θ)")
+    a("--old-every", type=POS_INT, metavar="K",
       help="not in the paper: refresh θ_old every K steps (default: once an epoch, Algorithm 1)")
-    a("--epochs", type=pos_int, default=100, help="post-training epochs")
-    a("--batch-size", type=pos_int, help="global batch m; default 1024 (cls), 256 (seg)")
-    a("--lr", type=pos_float, help="lr per 256 images, cosine to lr/100; default 1e-3, seg 1e-5")
-    a("--subset", type=number(float, 0, 1, low_open=True), default=1.0,
-      help="fraction of the training set post-trained on")
+    a("--epochs", type=POS_INT, default=100, help="post-training epochs")
+    a("--batch-size", type=POS_INT, help="global batch m; default 1024 (cls), 256 (seg)")
+    a("--lr", type=POS_FLOAT, help="lr per 256 images, cosine to lr/100; default 1e-3, seg 1e-5")
+    a("--subset", type=FRACTION, default=1.0, help="fraction of the training set post-trained on")
     a("--augment", action=on_off, default=True, help="random flip (and crop) in training")
     a("--seed", type=int, default=0, help="heads, shuffling, augmentation, --subset")
-    a("--img-size", type=pos_int, help="default: the paper's patches a side (CIFAR 3, STL-10 7, "
+    a("--img-size", type=POS_INT, help="default: the paper's patches a side (CIFAR 3, STL-10 7, "
       "Tiny-ImageNet 5), at least the native size; else 224, seg 448")
-    a("--seg-size", type=pos_int, default=128, help="seg: patch tokens are upsampled to this size")
-    a("--hidden", type=pos_int, help="hidden width of the heads; default 256, 64 for voc")
-    a("--eval-epochs", type=pos_int, default=50, help="epochs of the head on frozen features")
-    a("--eval-lr", type=pos_float, help="the same rule for the evaluation head; default --lr")
+    a("--seg-size", type=POS_INT, default=128, help="seg: patch tokens are upsampled to this size")
+    a("--hidden", type=POS_INT, help="hidden width of the heads; default 256, 64 for voc")
+    a("--eval-epochs", type=POS_INT, default=50, help="epochs of the head on frozen features")
+    a("--eval-lr", type=POS_FLOAT, help="the same rule for the evaluation head; default --lr")
     a("--feature-type", nargs="+", choices=["linear", "ms"], default=["linear"], help="seg eval")
-    a("--ms-scales", nargs="+", type=pos_float, default=[1, 1.32, 1.73, 2.28, 3], help="of ms")
+    a("--ms-scales", nargs="+", type=POS_FLOAT, default=[1, 1.32, 1.73, 2.28, 3], help="of ms")
     a("--eval-memory-gb", type=number(float, 0), default=8.0, help="features beyond go to disk")
     a("--save-vis", type=number(int, 0), default=0, metavar="K", help="seg: K examples, vis.pt")
     a("--device", choices=["cuda", "cpu"], help="default: cuda when a GPU is visible")
@@ -974,8 +940,8 @@ def make_parser():
     a("--name", help="run name; default: derived from the flags")
     a("--resume", action="store_true", help="continue from OUT/NAME/ckpt.pt if there is one")
     a("--force", action="store_true", help="run again over a finished or unfinished run")
-    a("--stop-after-epoch", type=pos_int, metavar="K", help="checkpoint after epoch K and stop")
-    a("--log-every", type=pos_int, default=10, help="progress line every N steps")
+    a("--stop-after-epoch", type=POS_INT, metavar="K", help="checkpoint after epoch K and stop")
+    a("--log-every", type=POS_INT, default=10, help="progress line every N steps")
     return p
 
 def get_args(argv=None):
@@ -1025,7 +991,6 @@ def stop(signum, _):  # SIGTERM, SIGINT: the run stops at once, with one line
                      "from the last finished epoch")
 
 def main(argv=None):
-    """Returns (result, trained Net) of a run."""
     args = get_args(argv)
     before = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
