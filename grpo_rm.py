@@ -1,14 +1,13 @@
 """GRPO-RM: Fine-Tuning Representation Models via GRPO-Driven Reinforcement Learning.
 
-A reference implementation of Xu, Jiao, Zhang & Li, arXiv 2511.15256: DINOv2 post-trained with
-GRPO-RM (--method grpo), fine-tuned (ce) or left as it is (frozen), then frozen and evaluated with
-a fresh head: softmax regression (SR) and kNN, or pixel accuracy / IoU / mIoU.
+A reference implementation of Xu, Jiao, Zhang & Li, arXiv 2511.15256: DINOv2 (or DINOv3)
+post-trained with GRPO-RM (--method grpo), fine-tuned (ce) or left as it is (frozen), then frozen
+and evaluated with a fresh head: softmax regression (SR) and kNN, or pixel accuracy / IoU / mIoU.
 
     torchrun --nproc_per_node=4 grpo_rm.py --task seg --dataset voc --data-dir data/voc
 
 Top to bottom: the method, the model, data, training, evaluation, main and config. "Eq. (n)"
-cites the paper; "Open in the paper:" marks a point it leaves open and says what is done here.
-"""
+cites the paper; "Open in the paper:" marks a point it leaves open and says what is done here."""
 import argparse
 import copy
 import datetime
@@ -143,9 +142,8 @@ class UserError(Exception):
     """Bad input: printed as one line that names the flag or file, exit code 2, no traceback."""
 
 def load_backbone(hub_repo, name, weights=None, hub_kwargs=None):
-    """torch.hub.load of DINOv2 or DINOv3 from GitHub (owner/name[:ref]) or a local clone; a
-    local weights file replaces the hub's download, loaded strictly. DINOv3's weights are gated:
-    hub_kwargs={"weights": PATH_OR_URL}."""
+    """torch.hub.load of DINOv2 or DINOv3 from GitHub (owner/name[:ref]) or a local clone; weights:
+    a local state dict, loaded strictly. DINOv3's gated weights: hub_kwargs={"weights": PATH}."""
     kwargs = {**(hub_kwargs or {}), **({"pretrained": False} if weights else {})}
     source = "local" if os.path.isdir(hub_repo) else "github"
     # torch.hub takes a commit only if it heads a branch or tag, unless validation is skipped
@@ -186,7 +184,7 @@ class SegHead(nn.Module):
         # so the two commute: projecting at token resolution first is the same function as the
         # paper's upsample-then-project, at 1/16 of the cost. The ReLU comes after the upsampling.
         x = self.proj(tokens.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, hidden, h, w)
-        size = size or (self.size, self.size)
+        size = size or (self.size,) * 2
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # (B, hidden, S, S)
         return self.out(F.relu(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, c, S, S)
 
@@ -251,8 +249,7 @@ def seg_transform(img_size, augment):
     return v2.Compose([*geo, v2.ToDtype(dtypes, scale=True), v2.Normalize(MEAN, STD)])
 
 def with_download(root, what, get, hint=None):
-    """get(download): a torchvision dataset, downloaded only when it is not on disk yet; with a
-    hint (the command that makes it), never downloaded."""
+    """get(download): a dataset, downloaded when not on disk, unless a hint says how to make it."""
     try:
         return get(False)
     except RuntimeError:  # torchvision: "Dataset not found or corrupted": downloaded below
@@ -274,9 +271,8 @@ def torchvision_set(cls, **splits):
     return build
 
 def image_folder(prepare=None):
-    """ImageNet (train/, val/), Tiny-ImageNet as tools/prepare_data.py leaves it, and any image
-    folder (train/ and val/ or test/, a folder a class). Open in the paper: ImageNet's layout.
-    Here val/ sorted into class folders, as torchvision's ImageNet."""
+    """Any image folder (train/, and val/ or test/, a folder a class): Tiny-ImageNet as prepared.
+    Open in the paper: ImageNet's layout. Here val/ sorted into classes, as torchvision's."""
     def build(root, split, transform):
         subs = ["train"] if split == "train" else ["val", "test"]  # ImageNet's test/: no labels
         for path in [os.path.join(root, sub) for sub in subs]:
@@ -317,16 +313,13 @@ class SegFiles(torchvision.datasets.VOCSegmentation):
 def voc(download=False, prepare=None):
     """VOC (downloaded); ADE20k, COCO-stuff as tools/prepare_data.py leaves them; any VOC layout."""
     def build(root, split, transform, c):
-        image_set = "train" if split == "train" else "val"
-        get = lambda d: SegFiles(root, image_set, d, c, transform)
+        get = lambda d: SegFiles(root, "train" if split == "train" else "val", d, c, transform)
         hint = None if download else PREPARE.format(prepare, root) if prepare else "put it there"
         return with_download(root, "VOCdevkit/VOC2012", get, hint)
     return build
 
-# A dataset: its task ("cls" or "seg"); build(root, split, transform[, num_classes]); the paper's
-# class count (0: read from the data, or --num-classes); its image side in pixels (0: unknown);
-# whether class 0 is "background" and gets the penalty. Open in the paper: which sets get it.
-# VOC's; ADE20k's and COCO-stuff's class 0 is a real class (wall, person).
+# A dataset: task, build(root, split, transform[, num_classes]), the paper's class count (0: from
+# the data), native side (0: unknown), background: class 0 gets the penalty (Open in the paper).
 Spec = namedtuple("Spec", "task build classes native background", defaults=(0, 0, False))
 
 TV = torchvision.datasets
@@ -339,7 +332,7 @@ DATASETS = {
     "tinyimagenet": Spec("cls", image_folder("tinyimagenet"), 200, 64),
     "imagenet": Spec("cls", image_folder(), 1000),  # not downloaded: its licence
     "imagefolder": Spec("cls", image_folder()),  # any image folder; classes from its folders
-    "voc": Spec("seg", voc(download=True), 21, background=True),
+    "voc": Spec("seg", voc(download=True), 21, background=True),  # ADE20k's class 0 is wall
     "ade20k": Spec("seg", voc(prepare="ade20k"), 150),
     "cocostuff": Spec("seg", voc(prepare="cocostuff"), 171),
     "vocfolder": Spec("seg", voc()),  # any VOC layout, with --num-classes
@@ -388,16 +381,15 @@ def build_data(args, ctx):
 # =============================================================================
 # Training: Adam, cosine learning rate, bf16 autocast, DDP; checkpoints at every epoch's end
 
-# The process: its rank among world, its device, the autocast dtype (bf16 or float32), and a gloo
-# group for long waits (downloads, the hub cache).
-Ctx = namedtuple("Ctx", "rank world device dtype wait_group")
+Ctx = namedtuple("Ctx", "rank world device dtype wait_group")  # the process, from setup()
 
 def autocast(device, dtype):
     """bf16 autocast (float32 weights and optimizer), or nothing for float32."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 def setup(device, dtype, backend=None):
-    """The device and dtype, and under torchrun the process group: NCCL on GPU, gloo on CPU."""
+    """-> Ctx: the rank among world, the device, the autocast dtype (bf16 or float32), and under
+    torchrun the process group (NCCL on GPU, gloo on CPU) and a gloo group for long waits."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     backend = backend or ("nccl" if device == "cuda" else "gloo")
@@ -422,10 +414,9 @@ class Relayed(UserError):
     """Rank 0's error, raised on the other ranks so that they stop too; rank 0 reports it."""
 
 def rank0_first(ctx, fn, alone=False):
-    """fn() on rank 0, then on the others, which find its files (a download, the hub cache); with
-    alone, on rank 0 only (a check whose verdict the others wait for).
-    They wait with a long timeout (NCCL's watchdog never sees the wait) and learn of rank 0's bad
-    input from rank 0, instead of dying on its closed socket: one error line, not one a rank."""
+    """fn() on rank 0, then (unless alone: a check) on the others, which find its files (a download,
+    the hub cache). They wait with a long timeout (NCCL's watchdog never sees the wait) and learn of
+    rank 0's bad input from it, not by dying on its closed socket: one error line, not one each."""
     out, error = None, None
     if ctx.rank == 0:
         try:
@@ -442,10 +433,9 @@ def rank0_first(ctx, fn, alone=False):
 LOSS_FLAGS = ("clip_eps", "uniformity", "background_penalty", "dual_clip", "kl_coef")
 
 def make_loss(method, ignore_index, compile=False, **options):
-    """-J of Eq. (1) (options: grpo_rm_loss's clip_eps, uniformity, background_penalty,
-    dual_clip, kl_coef), or cross-entropy: fn(logits (N, c), old logits, labels) -> (loss, diag).
-    Compiled, the plain loss takes a third of its eager memory and ×3-4 of cross-entropy's time on
-    a CPU, not ×16-20 (results/README.md); dynamic shapes: one graph for every batch size."""
+    """-J of Eq. (1) (options: grpo_rm_loss's, LOSS_FLAGS), or cross-entropy: fn(logits (N, c),
+    old logits, labels) -> (loss, diag). Compiled (dynamic shapes: one graph), the plain loss keeps
+    a third of its eager memory and takes ×3-4 of cross-entropy's time on a CPU, not ×16-20."""
     def cross_entropy(z, z_old, y):  # the mean over the labelled samples, 0 if there are none
         loss = F.cross_entropy(z.float(), y, ignore_index=ignore_index, reduction="sum")
         return loss / (y != ignore_index).sum().clamp(min=1), None
@@ -456,16 +446,14 @@ def make_loss(method, ignore_index, compile=False, **options):
     return torch.compile(loss, dynamic=True) if compile else loss
 
 def make_models(net, method, world=1, compile=False):
-    """-> (the model trained: DDP-wrapped over several processes, maybe compiled; θ_old, or None
-    for fine-tuning; θ_old's forward, maybe compiled)."""
+    """-> (the model trained, DDP over several processes; θ_old or None; θ_old's forward)."""
     old = make_old(net) if method == "grpo" else None
     model = DDP(net) if world > 1 else net  # gradients averaged over ranks
     model = torch.compile(model) if compile else model
     return model, old, torch.compile(old) if compile and old is not None else old
 
 def make_optimizer(net, lr, batch_size, steps, device):
-    """Adam (no weight decay) and the cosine schedule of Section 4.2 over steps: lr per 256
-    images, from lr·m/256 down to (lr/100)·m/256, m the global batch."""
+    """Adam (no weight decay), cosine over steps from lr·m/256 to (lr/100)·m/256 (Section 4.2)."""
     params = [p for p in net.parameters() if p.requires_grad]  # DINOv2's mask_token is not
     opt = torch.optim.Adam(params, lr=lr * batch_size / 256, fused=device.type == "cuda")
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, lr / 100 * batch_size / 256)
@@ -530,8 +518,11 @@ def train(args, ctx, net, train_set, run_dir):
                     progress(hist, epoch, args.epochs, steps, t0, (i + 1) * args.batch_size)
         hist["train_loss"].append(float(np.mean(hist["series"]["loss"][-steps:])))
         hist["sec_per_epoch"].append(time.time() - t0)
-        if ctx.rank == 0:
-            save_checkpoint(ckpt, net, old, opt, sched, epoch + 1, hist, vars(args), ctx.world)
+        if ctx.rank == 0:  # everything --resume needs, written atomically
+            state = {"model": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1,
+                     "sched": sched.state_dict(), "hist": hist, "config": vars(args),
+                     "world": ctx.world, "old": old.state_dict() if old is not None else None}
+            atomic_save(ckpt, functools.partial(torch.save, state))
         if args.stop_after_epoch == epoch + 1:
             if ctx.rank == 0:
                 print(f"stopped after epoch {epoch + 1}; rerun with --resume to go on")
@@ -588,12 +579,6 @@ RESUMABLE = {"out", "name", "resume", "force", "stop_after_epoch", "log_every", 
              "save_vis", "eval_epochs", "eval_lr", "feature_type", "ms_scales", "eval_memory_gb",
              "compile", "dist_backend"}
 
-def save_checkpoint(path, net, old, opt, sched, epoch, hist, config, world):
-    state = {"model": net.state_dict(), "old": old.state_dict() if old is not None else None,
-             "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch, "hist": hist,
-             "config": config, "world": world}
-    atomic_save(path, functools.partial(torch.save, state))
-
 def load_checkpoint(path, config, world, net, old, opt, sched):
     """-> (the next epoch, the history so far); θ_old as it was (with --old-every K it may date
     from inside the last epoch). Refuses a checkpoint of other settings or another world size."""
@@ -612,19 +597,17 @@ def load_checkpoint(path, config, world, net, old, opt, sched):
 
 
 # =============================================================================
-# Evaluation on frozen features: softmax regression (SR), kNN, pixel accuracy / IoU / mIoU.
-# One pass of the frozen backbone over each split, then a fresh head trained on the cached
-# features. Rank 0 evaluates alone (the others have left), so any world size gives one result;
-# the functions below take plain values and need no process group.
+# Evaluation on frozen features: softmax regression (SR), kNN, pixel accuracy / IoU / mIoU. One
+# pass of the frozen backbone over each split, then a fresh head trained on the cached features.
+# Rank 0 evaluates alone, so any world size gives one result: plain values, no process group.
 
 @torch.no_grad()
-def extract(features, loader, device, dtype=torch.float32, label_size=None, spill=None,
-            memory_gb=8.0):
+def extract(features, loader, device, dtype=torch.float32, spill=None, memory_gb=8.0,
+            label_size=None):
     """One pass of features (a frozen model: images (B, 3, H, W) -> (B, ...)) over a loader of
-    (image, label) -> (features, labels), cached on the host in the autocast dtype, to be reused
-    by every epoch of an evaluation head. Label maps are resized to label_size. Beyond memory_gb
-    they go to files in the folder spill, memory-mapped (pages of the kernel's cache, which it
-    reclaims: COCO-stuff at 448 px needs that)."""
+    (image, label) -> (features, labels resized to label_size), cached on the host in the autocast
+    dtype for every epoch of an evaluation head. Beyond memory_gb they go to files in spill,
+    memory-mapped (pages of the kernel's cache, which it reclaims: COCO-stuff at 448 px)."""
     feats = labels = None
     i, n, t0 = 0, len(loader.dataset), time.time()
     for b, (x, y) in enumerate(loader):
@@ -709,8 +692,7 @@ def evaluate_cls(net, train_loader, test_loader, num_classes, device, dtype=torc
                  spill=None, memory_gb=8.0, **fit):
     """-> {"sr", "knn"} in %: a fresh linear head (softmax regression) and kNN, k = 5, on net's
     frozen features. fit: fit_head's epochs, batch_size, lr and seed."""
-    tr_f, tr_y = extract(net.features, train_loader, device, dtype, spill=spill,
-                         memory_gb=memory_gb)
+    tr_f, tr_y = extract(net.features, train_loader, device, dtype, spill, memory_gb)
     te_f, te_y = extract(net.features, test_loader, device, dtype)
     torch.manual_seed(fit.get("seed", 0))
     head = nn.Linear(tr_f.shape[1], num_classes).to(device)  # SR: softmax regression
@@ -718,8 +700,7 @@ def evaluate_cls(net, train_loader, test_loader, num_classes, device, dtype=torc
     with torch.no_grad(), autocast(device, dtype):
         sr = torch.cat([head(f.to(device).float()).argmax(1).cpu() for f in te_f.split(4096)])
     knn = knn_predict(tr_f.to(device), tr_y.to(device), te_f.to(device)).cpu()
-    return {"sr": 100 * (sr == te_y).sum().item() / len(te_y),
-            "knn": 100 * (knn == te_y).sum().item() / len(te_y)}
+    return {k: 100 * (p == te_y).double().mean().item() for k, p in (("sr", sr), ("knn", knn))}
 
 @torch.no_grad()
 def predict_seg(net, head, x, seg_size, ms_scales=(), dtype=torch.float32):
@@ -742,14 +723,13 @@ def predict_seg(net, head, x, seg_size, ms_scales=(), dtype=torch.float32):
 def evaluate_seg(net, train_loader, test_loader, num_classes, hidden, seg_size, device,
                  dtype=torch.float32, feature_types=("linear",), ms_scales=(1.0,), save_vis=0,
                  spill=None, memory_gb=8.0, **fit):
-    """-> ({feature type: {"pixel_acc", "iou", "miou", "labelled_pixels"}}, the first save_vis
-    test images as uint8 {"image", "truth", "pred"} or None). A fresh SegHead for each feature
-    type: "linear" (the last layer), "ms" (the last 4, multi-scale). fit: fit_head's epochs,
-    batch_size, lr and seed. test_loader: small batches (16 images' probabilities at 448 px and
-    c = 150 take 1.9 GB)."""
+    """-> ({feature type: {"pixel_acc", "iou", "miou", "labelled_pixels"}}, the first save_vis test
+    images as uint8 {"image", "truth", "pred"} or None). A fresh SegHead for each feature type:
+    "linear" (the last layer), "ms" (the last 4, multi-scale). fit: as evaluate_cls's. test_loader:
+    small batches (16 images' probabilities at 448 px and c = 150 take 1.9 GB)."""
     D, n_layers = net.backbone.embed_dim, 4 if "ms" in feature_types else 1
     tr_f, tr_y = extract(functools.partial(net.features, n_layers=n_layers), train_loader,
-                         device, dtype, seg_size, spill, memory_gb)
+                         device, dtype, spill, memory_gb, seg_size)
     heads = {}
     for ft in feature_types:  # Open in the paper: the head. Training's, fresh, for each
         torch.manual_seed(fit.get("seed", 0))
@@ -1001,7 +981,6 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
 def cli(argv=None):
     """The command line: a bad input is one line on stderr (exit 2), a stop one line (exit 3)."""
     rank = int(os.environ.get("RANK", "0"))
@@ -1014,7 +993,6 @@ def cli(argv=None):
             msg = str(e).strip().splitlines()[-1]
             print(f"error: {msg.split('UserError: ', 1)[-1]}", file=sys.stderr)
         sys.exit(3 if isinstance(e, RunStopped) else 2)
-
 
 if __name__ == "__main__":
     cli()

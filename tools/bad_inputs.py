@@ -1,6 +1,6 @@
 """Every bad input grpo_rm.py refuses, run as a user would run it: prints a Markdown table of the
 command's flags, its exit code, the number of error lines and of tracebacks on stderr (other
-than torchrun's own report), and the error line (results/README.md holds the table).
+than torchrun's own report), and the error line (results/README.md#bad-input says how to read it).
 
     python3 tools/bad_inputs.py --hub-repo HUB --model NAME --data-dir CLS_FOLDER --voc-dir VOC
         [--torchrun]
