@@ -83,7 +83,7 @@ def grpo_rm_loss(logits, old_logits, labels, clip_eps=0.2, uniformity="eq4",
     logp_old = F.log_softmax(old_logits.detach().to(dtype), -1)  # (N, c) log π_θold(o_i|q)
     A = advantages(rewards(logp_old.exp(), y, uniformity, background_penalty))  # Alg. 1, l. 6-7
     # ρ in log space: p_old may underflow to 0 (in bf16 above all), p / p_old would be inf or NaN.
-    log_ratio = logp - logp_old  # (N, c) log ρ_i, ρ_i = π_θ(o_i|q) / π_θold(o_i|q)
+    log_ratio = (logp - logp_old).masked_fill(~keep[:, None], 0)  # (N, c) log ρ_i; 0 if ignored
     # A ≥ 0: once ρ > 1 + ε the term is (1 + ε)A, so capping ρ at 1 + ε changes no value and no
     # gradient; it only keeps an overflowed ρ (exp(89) in float32) from making 0·inf = NaN.
     # A < 0: the paper's term is unbounded in ρ. Dual-clip PPO (Ye et al. 2020) takes
@@ -126,7 +126,7 @@ def make_old(model):
     return copy.deepcopy(model).requires_grad_(False).eval()
 
 def refresh_old(old, model):
-    """Algorithm 1, line 3: π_θold <- π_θ, at the start of every epoch (or every --old-every)."""
+    """Algorithm 1, line 3: π_θold <- π_θ, at the start of every epoch (or every K steps)."""
     old.load_state_dict(model.state_dict())
 
 
@@ -206,7 +206,7 @@ class Net(nn.Module):
 
 def build_net(backbone, task, num_classes, hidden, seg_size):
     """Backbone + a fresh head for the task (seed torch first for a reproducible head)."""
-    if hasattr(backbone, "mask_token"):  # DINOv2's masked pre-training only, never used here
+    if hasattr(backbone, "mask_token"):  # for masked pre-training only, never trained here
         backbone.mask_token.requires_grad_(False)
     D = backbone.embed_dim
     # cls: two fully connected layers on the class token. Open in the paper: the activation.
@@ -385,7 +385,8 @@ Ctx = namedtuple("Ctx", "rank world device dtype wait_group")  # the process, fr
 
 def autocast(device, dtype):
     """bf16 autocast (float32 weights and optimizer), or nothing for float32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                          enabled=dtype == torch.bfloat16)
 
 def setup(device, dtype, backend=None):
     """-> Ctx: the rank among world, the device, the autocast dtype (bf16 or float32), and under
@@ -403,11 +404,10 @@ def setup(device, dtype, backend=None):
         torch.cuda.set_device(dev)
         # Open in the paper: TF32. Matrix products under --dtype fp32 use TF32 on GPUs that have it.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    wait_group = None
-    if world > 1:
-        if not dist.is_initialized():
-            dist.init_process_group(backend)  # env:// from torchrun
-        wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=12))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend)  # env:// from torchrun
+    long_wait = datetime.timedelta(hours=12)  # downloads, the hub cache: NCCL's watchdog sees none
+    wait_group = dist.new_group(backend="gloo", timeout=long_wait) if world > 1 else None
     return Ctx(rank, world, dev, torch.bfloat16 if dtype == "bf16" else torch.float32, wait_group)
 
 class Relayed(UserError):
@@ -433,9 +433,9 @@ def rank0_first(ctx, fn, alone=False):
 LOSS_FLAGS = ("clip_eps", "uniformity", "background_penalty", "dual_clip", "kl_coef")
 
 def make_loss(method, ignore_index, compile=False, **options):
-    """-J of Eq. (1) (options: grpo_rm_loss's, LOSS_FLAGS), or cross-entropy: fn(logits (N, c),
-    old logits, labels) -> (loss, diag). Compiled (dynamic shapes: one graph), the plain loss keeps
-    a third of its eager memory and takes ×3-4 of cross-entropy's time on a CPU, not ×16-20."""
+    """-J of Eq. (1) (options: grpo_rm_loss's, LOSS_FLAGS), or cross-entropy (logits (N, c) or
+    (N, c, S, S)): fn(logits, old logits, labels) -> (loss, diag). Compiled (one dynamic graph),
+    the loss keeps a third of its eager memory, ×3-4 of cross-entropy's CPU time, not ×16-20."""
     def cross_entropy(z, z_old, y):  # the mean over the labelled samples, 0 if there are none
         loss = F.cross_entropy(z.float(), y, ignore_index=ignore_index, reduction="sum")
         return loss / (y != ignore_index).sum().clamp(min=1), None
@@ -447,6 +447,7 @@ def make_loss(method, ignore_index, compile=False, **options):
 
 def make_models(net, method, world=1, compile=False):
     """-> (the model trained, DDP over several processes; θ_old or None; θ_old's forward)."""
+    net.eval()  # Open in the paper: the mode. Eval as θ_old: ρ = 1 at refresh (DINOv3 jitters RoPE)
     old = make_old(net) if method == "grpo" else None
     model = DDP(net) if world > 1 else net  # gradients averaged over ranks
     model = torch.compile(model) if compile else model
@@ -454,8 +455,8 @@ def make_models(net, method, world=1, compile=False):
 
 def make_optimizer(net, lr, batch_size, steps, device):
     """Adam (no weight decay), cosine over steps from lr·m/256 to (lr/100)·m/256 (Section 4.2)."""
-    params = [p for p in net.parameters() if p.requires_grad]  # DINOv2's mask_token is not
-    opt = torch.optim.Adam(params, lr=lr * batch_size / 256, fused=device.type == "cuda")
+    params = [p for p in net.parameters() if p.requires_grad]  # the mask_token is not
+    opt = torch.optim.Adam(params, lr=lr * batch_size / 256, fused=str(device).startswith("cuda"))
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, lr / 100 * batch_size / 256)
 
 def train_step(model, old, opt, loss_fn, x, y, seg=False, dtype=torch.float32, world=1):
@@ -624,7 +625,7 @@ def extract(features, loader, device, dtype=torch.float32, spill=None, memory_gb
             labels = host_tensor((n, *y.shape[1:]), y.dtype, on_disk and f"{spill}/labels.bin")
         feats[i:i + len(f)], labels[i:i + len(f)] = f.cpu(), y
         i += len(f)
-    return feats, labels
+    return feats[:i], labels[:i]  # a loader may skip samples (drop_last, a sampler)
 
 def host_tensor(shape, dtype, path):
     """A tensor in RAM, or (path given) memory-mapped from that file, made or grown to fit."""
@@ -721,8 +722,8 @@ def predict_seg(net, head, x, seg_size, ms_scales=(), dtype=torch.float32):
     return probs / len(views)
 
 def evaluate_seg(net, train_loader, test_loader, num_classes, hidden, seg_size, device,
-                 dtype=torch.float32, feature_types=("linear",), ms_scales=(1.0,), save_vis=0,
-                 spill=None, memory_gb=8.0, **fit):
+                 dtype=torch.float32, feature_types=("linear",), ms_scales=(1, 1.32, 1.73, 2.28, 3),
+                 save_vis=0, spill=None, memory_gb=8.0, **fit):
     """-> ({feature type: {"pixel_acc", "iou", "miou", "labelled_pixels"}}, the first save_vis test
     images as uint8 {"image", "truth", "pred"} or None). A fresh SegHead for each feature type:
     "linear" (the last layer), "ms" (the last 4, multi-scale). fit: as evaluate_cls's. test_loader:

@@ -488,6 +488,16 @@ def test_ignore_index():
     loss = G.grpo_rm_loss(z, old, torch.full((6,), 255), ignore_index=255)  # nothing labelled
     loss.backward()
     assert loss.item() == 0.0 and (z.grad == 0).all()
+    # An ignored pixel whose ρ overflows float32 (no dual clip) leaves the loss, its gradient and
+    # the diagnostics finite, and changes nothing.
+    old[1, 0], new[1, 0] = -100.0, 100.0
+    z = new.clone().requires_grad_()
+    loss, diag = G.grpo_rm_loss(z, old, labels.masked_fill(labels == 3, -100),
+                                with_diagnostics=True)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all() and torch.isfinite(diag).all()
+    keep = (labels != -100) & (labels != 3)
+    torch.testing.assert_close(loss, G.grpo_rm_loss(new[keep], old[keep], labels[keep]))
 
 
 def test_background_penalty_pushes_background_down():
@@ -1270,8 +1280,11 @@ def test_extract_with_plain_values(tmp_path):
                                         memory_gb=1e-9)
     assert sorted(os.listdir(tmp_path)) == ["feats.bin", "labels.bin"]
     assert torch.equal(spilled, feats) and torch.equal(spilled_labels, labels)
-    half, _ = G.extract(model, loader, cpu, torch.bfloat16)
+    half, _ = G.extract(model, loader, "cpu", torch.bfloat16)  # a device by name, too
     assert half.dtype == torch.bfloat16
+    dropped = torch.utils.data.DataLoader(loader.dataset, batch_size=4, drop_last=True)
+    some, some_labels = G.extract(model, dropped, cpu)  # a loader that skips samples
+    assert torch.equal(some, feats[:8]) and torch.equal(some_labels, y[:8])
 
 
 def _rss_anon_mb():
@@ -1436,6 +1449,12 @@ def test_real_dinov3_storage_tokens_never_leak(dinov3):
         torch.testing.assert_close(cls(x), out["x_norm_clstoken"])
         head = G.SegHead(4 * 384, 8, 3, 8)
         assert G.predict_seg(G.Net(m, None, "seg"), head, x, 8, [1.0, 1.5]).shape == (2, 3, 48, 64)
+    # DINOv3 jitters its RoPE coordinates in train mode: training runs the model as θ_old runs,
+    # in eval mode, so that θ = θ_old gives ρ = 1 at every refresh
+    net = G.build_net(m.train(), "cls", 3, 8, 8)
+    model, old, _ = G.make_models(net, "grpo")
+    with torch.no_grad():
+        assert torch.equal(model(x), old(x)) and not model.training
 
 
 def test_real_dinov3_default_size_keeps_the_papers_tokens(dinov3, tmp_path):
