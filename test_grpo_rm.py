@@ -1466,14 +1466,23 @@ def test_real_dinov3_default_size_keeps_the_papers_tokens(dinov3, tmp_path):
     assert result["config"]["img_size"] == 80
 
 
-def test_dinov3_without_its_packages_is_one_line(dinov3, tmp_path):
-    code = ("import sys; sys.modules['torchmetrics'] = None; import grpo_rm as G; "
-            f"G.cli({cls_args(dinov3, str(tmp_path), tmp_path, '--model', 'dinov3_vits16')!r})")
+@pytest.mark.parametrize("case", ["packages", "missing weights", "wrong weights"])
+def test_dinov3_without_its_packages_or_weights_is_one_line(dinov3, imagefolder, tmp_path, case):
+    (tmp_path / "v2.pth").write_bytes(b"")
+    torch.save({"pos_embed": torch.zeros(1)}, tmp_path / "wrong.pth")
+    weights = {"missing weights": str(tmp_path / "none.pth"), "wrong weights": str(tmp_path /
+               "wrong.pth")}.get(case)
+    argv = cls_args(dinov3, imagefolder, tmp_path, "--model", "dinov3_vits16", "--hub-kwargs",
+                    json.dumps({"weights": weights} if weights else {"pretrained": False}))
+    hide = "sys.modules['torchmetrics'] = None; " if case == "packages" else ""
+    code = f"import sys; {hide}import grpo_rm as G; G.cli({argv!r})"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
                        timeout=300)
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert p.returncode == 2 and len(lines) == 1, p.stderr
-    assert lines[0].endswith("needs torchmetrics: pip install torchmetrics termcolor"), lines
+    lines = [ln for ln in p.stderr.splitlines() if "error:" in ln]  # (torch.hub's "100.0%" too)
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    needle = ("needs torchmetrics: pip install torchmetrics termcolor" if case == "packages"
+              else "--model dinov3_vits16: loading failed")
+    assert needle in lines[0], lines
 
 
 def test_cli_bad_inputs(hub, imagefolder, tmp_path, monkeypatch):
