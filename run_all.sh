@@ -2,6 +2,7 @@
 # Reproduce the tables and figures of the GRPO-RM paper, or a paper-length miniature of them.
 #
 #   bash run_all.sh TARGET      TARGET: table2 table3 table4 table5 table6 fig2 fig3 mini stable all
+#                                       backbone (the miniature's backbone, pretrained into OUT/hub-tin)
 #
 # Environment (defaults in brackets):
 #   NPROC      processes (GPUs) per run [4; mini and stable: 1]
@@ -226,9 +227,17 @@ stable() {
   done; done
 }
 
+# The miniature's backbone, dinov2_vitt8_tin, pretrained by its recipe on Tiny-ImageNet-200 into the
+# torch.hub folder OUT/hub-tin (HUB_REPO for mini and stable); it resumes where it stopped
+backbone() {
+  prepare tinyimagenet tinyimagenet
+  "$PYTHON" tools/pretrain_backbone.py --data-dir "$(path tinyimagenet)" --out "$OUT/hub-tin" --resume
+}
+
 case $TARGET in
+  backbone) backbone ;;
   table2|table3|table4|table5|table6|fig2|fig3|mini|stable) "$TARGET"; report ;;
   all) table3; table2; table4; table5; table6; fig2; report ;;
-  *) echo "usage: bash run_all.sh {table2|table3|table4|table5|table6|fig2|fig3|mini|stable|all}" >&2
+  *) echo "usage: bash run_all.sh {table2|table3|table4|table5|table6|fig2|fig3|mini|stable|all|backbone}" >&2
      exit 2 ;;
 esac

@@ -122,11 +122,19 @@ def segmentation(name, src, out, workers):
 
 
 def prepare(name, data_dir, src=None, workers=4):
-    """The dataset name in the layout grpo_rm.py reads, in data_dir -> the count of images."""
+    """The dataset name in the layout grpo_rm.py reads, in data_dir -> the count of images (0 when
+    data_dir was prepared already: it says so in DATA/.prepared)."""
+    done = os.path.join(data_dir, ".prepared")
+    if os.path.exists(done) and not src:
+        return 0
     src = src or fetch(name, data_dir)
     if name == "tinyimagenet":
-        return tinyimagenet(src, data_dir)
-    return segmentation(name, src, data_dir, workers)
+        n = tinyimagenet(src, data_dir)
+    else:
+        n = segmentation(name, src, data_dir, workers)
+    with open(done, "w") as f:
+        f.write(f"{name} {n}\n")
+    return n
 
 
 def main(argv=None):
@@ -142,7 +150,8 @@ def main(argv=None):
         n = prepare(args.dataset, args.data_dir, args.src, args.workers)
     except (OSError, ValueError) as e:  # a missing folder or annotation file, a download error
         sys.exit(f"error: {args.dataset}: {e}")
-    print(f"{args.dataset}: {n} images in {args.data_dir}")
+    print(f"{args.dataset}: {n} images in {args.data_dir}" if n else
+          f"{args.data_dir}: prepared already ({args.dataset})")
 
 
 if __name__ == "__main__":

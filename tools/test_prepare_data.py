@@ -47,7 +47,9 @@ def test_tinyimagenet_downloaded_and_sorted_into_classes(server, tmp_path, monke
     assert len(train) == 6 and train.targets == [0, 0, 0, 1, 1, 1]  # classes by sorted wnid
     assert val.classes == train.classes and val[0][0].shape == (3, 8, 8)
     assert sorted(os.listdir(os.path.join(data, "val", "n02"))) == ["val_0.JPEG", "val_2.JPEG"]
-    shutil.rmtree(www)  # extracted already: a second run neither downloads nor fails
+    shutil.rmtree(www)  # prepared already: a second run neither downloads nor fails
+    assert P.prepare("tinyimagenet", data) == 0
+    os.remove(os.path.join(data, ".prepared"))  # extracted already: no second download
     assert P.prepare("tinyimagenet", data) == 3
 
 
