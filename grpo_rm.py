@@ -184,7 +184,7 @@ class SegHead(nn.Module):
         # so the two commute: projecting at token resolution first is the same function as the
         # paper's upsample-then-project, at 1/16 of the cost. The ReLU comes after the upsampling.
         x = self.proj(tokens.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, hidden, h, w)
-        size = size or (self.size,) * 2
+        size = size or (self.size, self.size)
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # (B, hidden, S, S)
         return self.out(F.relu(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, c, S, S)
 
@@ -314,8 +314,8 @@ def voc(download=False, prepare=None):
     """VOC (downloaded); ADE20k, COCO-stuff as tools/prepare_data.py leaves them; any VOC layout."""
     def build(root, split, transform, c):
         get = lambda d: SegFiles(root, "train" if split == "train" else "val", d, c, transform)
-        hint = None if download else PREPARE.format(prepare, root) if prepare else "put it there"
-        return with_download(root, "VOCdevkit/VOC2012", get, hint)
+        hint = PREPARE.format(prepare, root) if prepare else "put it there"
+        return with_download(root, "VOCdevkit/VOC2012", get, None if download else hint)
     return build
 
 # A dataset: task, build(root, split, transform[, num_classes]), the paper's class count (0: from

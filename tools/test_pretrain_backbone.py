@@ -33,7 +33,7 @@ def _pretrain(tin, out, *extra):
                    "--dtype", "fp32", "--device", "cpu", "--log-every", "2", *extra])
 
 
-def test_pretraining_writes_a_hub_folder_and_resumes_exactly(tin, tmp_path):
+def test_pretraining_writes_a_hub_folder_and_resumes_exactly(tin, tmp_path, monkeypatch):
     log = _pretrain(tin, tmp_path / "a", "--epochs", "3", "--lr", "3e-3")
     assert [e["epoch"] for e in log] == [1, 2, 3] and log[-1]["loss"] < log[0]["loss"]
     assert sorted(os.listdir(tmp_path / "a")) == ["dinov2_vitt8_tin.pth", "hubconf.py", "log.json"]
@@ -41,17 +41,18 @@ def test_pretraining_writes_a_hub_folder_and_resumes_exactly(tin, tmp_path):
     backbone = G.load_backbone(str(tmp_path / "a"), "dinov2_vitt8_tin")  # strict, as grpo_rm does
     assert backbone.embed_dim == 192 and backbone.patch_size == 8
     _pretrain(tin, tmp_path / "b", "--epochs", "3", "--lr", "3e-3")  # deterministic
-    # stopped after epoch 2 (its checkpoint kept), then resumed: the same weights as straight through
-    with pytest.raises(KeyboardInterrupt):
-        def stop(*a):
+    # stopped in epoch 3 (epoch 2's checkpoint kept), then resumed: the same weights as straight
+    real, calls = P.top1, []
+
+    def top1(*a):
+        calls.append(1)
+        if len(calls) == 3:  # epoch 3's evaluation: a Ctrl-C
             raise KeyboardInterrupt
-        P.top1, real = (lambda *a: (stop() if len(calls) == 2 else None, calls.append(1), 0)[2]), \
-            P.top1
-        calls = []
-        try:
-            _pretrain(tin, tmp_path / "c", "--epochs", "3", "--lr", "3e-3")
-        finally:
-            P.top1 = real
+        return real(*a)
+    monkeypatch.setattr(P, "top1", top1)
+    with pytest.raises(KeyboardInterrupt):
+        _pretrain(tin, tmp_path / "c", "--epochs", "3", "--lr", "3e-3")
+    monkeypatch.setattr(P, "top1", real)
     assert (tmp_path / "c" / "ckpt.pt").exists()
     _pretrain(tin, tmp_path / "c", "--epochs", "3", "--lr", "3e-3", "--resume")
     a, b, c = (torch.load(tmp_path / d / "dinov2_vitt8_tin.pth") for d in "abc")
