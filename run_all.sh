@@ -85,12 +85,12 @@ cls() {
   run "cls-$ds-$method${TAG:+-$TAG}-s$seed" --dataset "$ds" --data-dir "$(path "$dir")" \
     "${m[@]}" --seed "$seed" "$@"
 }
-# seg DATASET DIR METHOD SEED SUBSET [FLAG...]: one post-training, evaluated with the linear and
+# seg DATASET DIR METHOD SEED SUBSET [FLAG...] (TAG as cls's): one post-training, evaluated with the linear and
 # the multi-scale features (the paper's two "feature types" are two evaluations of one backbone)
 seg() {
   local ds=$1 dir=$2 method=$3 seed=$4 subset=$5 m; shift 5
   method_flags "$method"
-  run "seg-$ds-$method-sub$subset-s$seed" --dataset "$ds" --data-dir "$(path "$dir")" "${m[@]}" \
+  run "seg-$ds-$method${TAG:+-$TAG}-sub$subset-s$seed" --dataset "$ds" --data-dir "$(path "$dir")" "${m[@]}" \
     --seed "$seed" --subset "$subset" --feature-type linear ms --save-vis 8 "$@"
 }
 CLS_SETS=("cifar10 cifar10" "cifar100 cifar100" "stl10 stl10" "tinyimagenet tinyimagenet" \
@@ -197,11 +197,14 @@ mini() {
 # folder (32 px, batch 64, 100 epochs, fp32, evaluated on all 10,000 + 2,000), where the paper's
 # form collapses, beside fine-tuning and the stabilisers: --dual-clip 3, --old-every 1 and 8, and
 # --dual-clip 3 with --kl-coef 1; frozen: the same evaluation of the untouched backbone. VARIANTS
-# picks some of them ["frozen ce paper dc3 old1 old8 dc3kl1"]. SETS="tinyimagenet" (or both) runs
-# them on the miniature's Tiny-ImageNet instead, at its CPU scale ["cifar10"].
+# picks some of them ["frozen ce paper dc3 old1 old8 dc3kl1"]. SETS names the datasets ["cifar10"]:
+# "tinyimagenet" and "camvid" run them on the miniature's Tiny-ImageNet and CamVid at mini's CPU
+# scale (CamVid: the linear and the multi-scale evaluation).
 stable() {
   local f=(--img-size 32 --subset 0.2 --batch-size 64 --epochs 100 --eval-lr 1e-3 --dtype fp32)
   local tin=(--subset 0.064 --batch-size 20 --epochs 100)
+  local cam=(--num-classes 11 --img-size 64 --seg-size 32 --batch-size 8 --epochs 100 --lr 1e-3
+             --eval-lr 1e-2 --workers 1)
   local -A flags=([paper]="" [dc3]="--dual-clip 3" [old1]="--old-every 1" [old8]="--old-every 8"
                   [dc3kl1]="--dual-clip 3 --kl-coef 1")
   local seed v
@@ -222,6 +225,14 @@ stable() {
         # shellcheck disable=SC2086
         TAG=$v cls tinyimagenet "$TIN_MINI" grpo-eq4 "$seed" "${tin[@]}" --workers 1 \
           ${flags[$v]}
+      fi
+    fi
+    if [[ " ${SETS:-cifar10} " == *" camvid "* ]]; then
+      if [[ $v == ce || $v == frozen ]]; then
+        seg vocfolder camvid_voc "$v" "$seed" 0.35 "${cam[@]}"
+      else
+        # shellcheck disable=SC2086
+        TAG=$v seg vocfolder camvid_voc grpo-eq4 "$seed" 0.35 "${cam[@]}" ${flags[$v]}
       fi
     fi
   done; done
