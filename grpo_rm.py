@@ -724,8 +724,9 @@ def predict_seg(net, head, x, seg_size, ms_scales=(), dtype=torch.float32):
 def evaluate_seg(net, train_loader, test_loader, num_classes, hidden, seg_size, device,
                  dtype=torch.float32, feature_types=("linear",), ms_scales=(1, 1.32, 1.73, 2.28, 3),
                  save_vis=0, spill=None, memory_gb=8.0, **fit):
-    """-> ({feature type: {"pixel_acc", "iou", "miou", "labelled_pixels"}}, the first save_vis test
-    images as uint8 {"image", "truth", "pred"} or None). A fresh SegHead for each feature type:
+    """-> ({feature type: {"pixel_acc", "iou", "miou", "labelled_pixels"}}, save_vis test images
+    spread evenly over the test set as uint8 {"image", "truth", "pred"} and their "index", or
+    None). A fresh SegHead for each feature type:
     "linear" (the last layer), "ms" (the last 4, multi-scale). fit: as evaluate_cls's. test_loader:
     small batches (16 images' probabilities at 448 px and c = 150 take 1.9 GB)."""
     D, n_layers = net.backbone.embed_dim, 4 if "ms" in feature_types else 1
@@ -740,20 +741,23 @@ def evaluate_seg(net, train_loader, test_loader, num_classes, hidden, seg_size, 
                              ignore_index=IGNORE, **fit)
     del tr_f, tr_y
     conf = {ft: torch.zeros(num_classes, num_classes, dtype=torch.long) for ft in heads}
-    shown = []  # Figure 2's material: the first save_vis test images, truth and prediction
+    n = len(test_loader.dataset)  # Figure 2's material: evenly spaced (not one scene's frames)
+    picks = torch.linspace(0, n - 1, save_vis).round().long().unique() if save_vis else []
+    shown, i = [], 0
     for x, y in test_loader:
         preds = {ft: predict_seg(net, h, x.to(device), seg_size, ms_scales if ft == "ms" else (),
                                  dtype).argmax(1).cpu() for ft, h in heads.items()}  # (B, H, W)
         for ft, pred in preds.items():
             conf[ft] += confusion_matrix(pred, y, num_classes)
-        if sum(len(b[0]) for b in shown) < save_vis:  # the first feature type's prediction
-            shown.append((x, y, preds[feature_types[0]]))
+        sel = [j for j in range(len(x)) if i + j in picks]  # the first feature type's prediction
+        shown.append((x[sel], y[sel], preds[feature_types[0]][sel]))
+        i += len(x)
     vis = None
-    if shown:  # label maps keep IGNORE = 255
-        x, y, pred = (torch.cat(t)[:save_vis] for t in zip(*shown))
+    if save_vis:  # label maps keep IGNORE = 255
+        x, y, pred = (torch.cat(t) for t in zip(*shown))
         img = x * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)  # (K, 3, H, W)
         vis = {"image": img.clamp(0, 1).mul(255).round().byte(), "truth": y.byte(),
-               "pred": pred.byte()}
+               "pred": pred.byte(), "index": picks}
     return {ft: segmentation_metrics(cm) | {"labelled_pixels": int(cm.sum())}
             for ft, cm in conf.items()}, vis
 

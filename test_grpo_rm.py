@@ -951,9 +951,10 @@ def test_smoke_seg(hub, vocfolder, tmp_path, monkeypatch, method, device):
         # (also for multi-scale, which averages scales and flips into one prediction).
         assert m["labelled_pixels"] == 960 and 0 <= m["miou"] <= m["pixel_acc"] <= 100
     run = _run_dir(tmp_path, f"seg-voc-{method}{'-eq4' if method == 'grpo' else ''}-s0")
-    vis = torch.load(run / "vis.pt", weights_only=True)  # the first K = 2 of the 4 val images
+    vis = torch.load(run / "vis.pt", weights_only=True)  # K = 2 spread over the 4 val images
+    assert vis["index"].tolist() == [0, 3]  # the first and the last, not the first two
     test = G.DATASETS["voc"].build(vocfolder, "test", G.seg_transform(16, False), 21)
-    x, y = (torch.stack(t) for t in zip(test[0], test[1]))
+    x, y = (torch.stack(t) for t in zip(test[0], test[3]))
     img = x * torch.tensor(G.STD).view(3, 1, 1) + torch.tensor(G.MEAN).view(3, 1, 1)
     assert (vis["image"].float() - 255 * img).abs().max() <= 0.5 + 1e-3  # denormalised, uint8
     assert torch.equal(vis["truth"], y.byte()) and vis["truth"].unique().tolist() == [0, 1, 2, 255]
