@@ -10,7 +10,9 @@ Top to bottom: the method, the model, data, training, evaluation, main and confi
 cites the paper; "Open in the paper:" marks a point it leaves open and says what is done here."""
 import argparse
 import copy
+import contextlib
 import datetime
+import errno
 import functools
 import hashlib
 import json
@@ -105,10 +107,11 @@ def grpo_rm_loss(logits, old_logits, labels, clip_eps=0.2, uniformity="eq4",
 
 @torch.no_grad()
 def diagnostics(log_ratio, A, logp_old, keep, clip_eps, dual_clip=None):
-    """What to watch in a run, over the labelled samples: the fraction of (sample, class) terms
-    the clip cuts off; KL(π_θold || π_θ) = Σ_i p_old,i [(ρ_i - 1) - log ρ_i] = -Σ_i p_old,i log ρ_i,
-    exact over the c classes (PPO code estimates it from sampled actions, as "approx_kl"); the
-    mean and the max of |ρ - 1|; the fraction of terms the dual clip bounds."""
+    """What to watch in a run, over the labelled samples, as DIAGNOSTICS names it: clip_frac, the
+    fraction of (sample, class) terms the clip cuts off; approx_kl, KL(π_θold || π_θ) = -Σ_i p_old,i
+    log ρ_i, exact over the c classes (PPO code estimates it from sampled actions, hence the name);
+    ratio_dev_mean and ratio_dev_max, the mean and the max of |ρ - 1|; dual_clip_frac, the fraction
+    of terms the dual clip bounds."""
     n, c = keep.sum().clamp(min=1), log_ratio.shape[1]
     ratio, k = log_ratio.exp(), keep[:, None]  # (N, c), (N, 1)
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * A < ratio * A  # (N, c) min took clip
@@ -120,6 +123,9 @@ def diagnostics(log_ratio, A, logp_old, keep, clip_eps, dual_clip=None):
                         (bounded & k).sum() / (n * c)])
 
 DIAGNOSTICS = ("clip_frac", "approx_kl", "ratio_dev_mean", "ratio_dev_max", "dual_clip_frac")
+# Collapse ahead: in results/, max |ρ - 1| > 100 came before all 17 collapses and in no healthy run
+# but the dual-clip ones, whose ρ overflows (results/README.md, tools/collapse.py)
+COLLAPSE_WARNING = ("ratio_dev_max", 100.0)
 
 def make_old(model):
     """θ_old: a frozen copy of the WHOLE model (backbone + head): no gradients, no optimizer."""
@@ -146,6 +152,8 @@ def load_backbone(hub_repo, name, weights=None, hub_kwargs=None):
     a local state dict, loaded strictly. DINOv3's gated weights: hub_kwargs={"weights": PATH}."""
     kwargs = {**(hub_kwargs or {}), **({"pretrained": False} if weights else {})}
     source = "local" if os.path.isdir(hub_repo) else "github"
+    if source == "github" and not re.fullmatch(r"[\w-]+/[\w.-]+(:\S+)?", hub_repo):
+        raise UserError(f"--hub-repo {hub_repo}: no such folder, nor a GitHub owner/name[:ref]")
     # torch.hub takes a commit only if it heads a branch or tag, unless validation is skipped
     pinned = re.fullmatch("[0-9a-f]{7,40}", hub_repo.rsplit(":", 1)[-1]) is not None
     default_timeout = socket.getdefaulttimeout()
@@ -156,15 +164,23 @@ def load_backbone(hub_repo, name, weights=None, hub_kwargs=None):
     except ModuleNotFoundError as e:  # DINOv3's hub code imports packages DINOv2's does not
         raise UserError(f"--model {name}: its hub code needs {e.name}: pip install torchmetrics "
                         "termcolor") from None
-    except Exception as e:  # no hubconf.py, no such entry point, no network, a bad weights file
+    except Exception as e:  # no hubconf.py, no network, a bad weights file
+        if str(e).startswith("Cannot find callable"):
+            raise UserError(f"--model {name}: {hub_repo}'s hubconf.py has no such entry point "
+                            "(torch.hub.list names them)") from None
         raise UserError(f"--hub-repo {hub_repo} --model {name}: loading failed ({type(e).__name__}"
                         f": {' '.join(str(e).split())[:300]}); offline: git clone the repository,"
                         " then --hub-repo DIR --weights FILE") from None
     finally:
         socket.setdefaulttimeout(default_timeout)
-    if weights:  # a mismatch: torch's message names the missing, unexpected, misshapen keys
+    if weights:
         try:
-            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:  # missing, or not a file torch.save wrote (torch's advice misleads)
+            reason = e.strerror if isinstance(e, OSError) else type(e).__name__
+            raise UserError(f"--weights {weights}: not a state dict file ({reason})") from None
+        try:  # a mismatch: torch's message names the missing, unexpected, misshapen keys
+            model.load_state_dict(state)
         except Exception as e:
             raise UserError(f"--weights {weights}: cannot load into --model {name} "
                             f"({' '.join(str(e).split())[:300]})") from None
@@ -230,6 +246,12 @@ def read_image(path, mode="RGB"):
     except (OSError, ValueError) as e:  # missing, truncated or not an image
         raise UserError(f"{path}: cannot read image ({e})") from None
 
+def ignore_stops(worker_id=None):
+    """A DataLoader worker's init: Ctrl-C and SIGTERM reach the whole process group, but the main
+    process alone says that the run stopped, in one line; a worker would print a traceback."""
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+
 def cls_transform(img_size, augment):
     # Open in the paper: augmentation. Here the lightest standard one: resize the shorter side,
     # crop (random when augmenting, else the centre; a no-op for square images), random flip.
@@ -248,8 +270,9 @@ def seg_transform(img_size, augment):
     dtypes = {tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}
     return v2.Compose([*geo, v2.ToDtype(dtypes, scale=True), v2.Normalize(MEAN, STD)])
 
-def with_download(root, what, get, hint=None):
-    """get(download): a dataset, downloaded when not on disk, unless a hint says how to make it."""
+def with_download(root, what, get, hint=None, url=None):
+    """get(download): a dataset, downloaded from url when not on disk, unless a hint says how to
+    make it. torchvision's downloads start afresh: a partial file is not resumed."""
     try:
         return get(False)
     except RuntimeError:  # torchvision: "Dataset not found or corrupted": downloaded below
@@ -260,14 +283,14 @@ def with_download(root, what, get, hint=None):
     try:
         return get(True)
     except Exception as e:
-        raise UserError(f"--data-dir {root}: no {what} there, and the download failed "
-                        f"({type(e).__name__}); offline, put its files there") from None
+        raise UserError(f"--data-dir {root}: no {what} there, and downloading {url} failed "
+                        f"({type(e).__name__}: {e}); offline, put its files there") from None
 
 def torchvision_set(cls, **splits):
     """CIFAR-10/100, STL-10: torchvision's datasets, downloaded by torchvision when missing."""
     def build(root, split, transform):
         get = lambda d: cls(root, download=d, transform=transform, **splits[split])
-        return with_download(root, cls.__name__, get)
+        return with_download(root, cls.__name__, get, url=cls.url)
     return build
 
 def image_folder(prepare=None):
@@ -315,7 +338,8 @@ def voc(download=False, prepare=None):
     def build(root, split, transform, c):
         get = lambda d: SegFiles(root, "train" if split == "train" else "val", d, c, transform)
         hint = PREPARE.format(prepare, root) if prepare else "put it there"
-        return with_download(root, "VOCdevkit/VOC2012", get, None if download else hint)
+        url = torchvision.datasets.voc.DATASET_YEAR_DICT["2012"]["url"]
+        return with_download(root, "VOCdevkit/VOC2012", get, None if download else hint, url)
     return build
 
 # A dataset: task, build(root, split, transform[, num_classes]), the paper's class count (0: from
@@ -348,7 +372,10 @@ def default_img_size(spec, patch):
     return 448 if spec.task == "seg" else 224
 
 def build_data(args, ctx):
-    """-> (num_classes, the post-training set, the train and test sets of the evaluation)."""
+    """-> (num_classes, the post-training set, the train and test sets of the evaluation). Every
+    file is decoded once first, as evaluation reads it (each rank its share of train/, rank 0 the
+    test files): a bad one found later would cost the run. Streamed in small batches, this costs
+    about one epoch's reading, at ImageNet's size too."""
     spec, root, seg = DATASETS[args.dataset], args.data_dir, args.task == "seg"
     num_classes = args.num_classes or spec.classes
     def make(split, augment):
@@ -363,18 +390,26 @@ def build_data(args, ctx):
         raise UserError(f"--num-classes {args.num_classes}: --data-dir {root} has "
                         f"{len(train.classes)} classes")
     num_classes = num_classes if seg else len(train.classes)
-    def check_test():  # every test file read before training, on rank 0 (the others wait):
-        top = -1  # a bad one found only in the evaluation would cost the run
-        for _, y in DataLoader(test, args.batch_size, num_workers=args.workers):
-            if seg:
-                top = max(top, int(y.masked_fill(y == IGNORE, -1).max()))
+    def read_all(data, rank=0, world=1):  # -> the highest class of the labels read
+        top = -1
+        part = Subset(data, range(rank, len(data), world))
+        for _, y in DataLoader(part, 64, num_workers=args.workers, worker_init_fn=ignore_stops):
+            top = max(top, int(y.masked_fill(y == IGNORE, -1).max()))
+        return top
+    agree(ctx, lambda: read_all(train_eval, ctx.rank, ctx.world))
+    def check_test():
+        top = read_all(test)
         if seg and not args.num_classes and top + 1 != num_classes:
             raise UserError(f"--data-dir {root}: its test masks hold classes 0-{top}, not the "
                             f"{num_classes} of --dataset {args.dataset} (else: --num-classes)")
     rank0_first(ctx, check_test, alone=True)
     if args.subset < 1.0:  # the paper's "10%" rows: a fixed random subset, for post-training only
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
-        train = Subset(train, keep[:max(1, round(args.subset * len(train)))].tolist())
+        k = round(args.subset * len(train))
+        if k < ctx.world:  # a rank without an image: nothing to train on
+            raise UserError(f"--subset {args.subset}: {k} of {len(train)} images, fewer than the "
+                            f"{ctx.world} process(es)")
+        train = Subset(train, keep[:k].tolist())
     return num_classes, train, train_eval, test
 
 
@@ -413,21 +448,30 @@ def setup(device, dtype, backend=None):
 class Relayed(UserError):
     """Rank 0's error, raised on the other ranks so that they stop too; rank 0 reports it."""
 
-def rank0_first(ctx, fn, alone=False):
-    """fn() on rank 0, then (unless alone: a check) on the others, which find its files (a download,
-    the hub cache). They wait with a long timeout (NCCL's watchdog never sees the wait) and learn of
-    rank 0's bad input from it, not by dying on its closed socket: one error line, not one each."""
+def agree(ctx, fn):
+    """fn() on every rank; where it fails on any, all stop: rank 0 says the first failing rank's
+    error in one line (a crash keeps its traceback), the others exit quietly with the same code.
+    They wait with a long timeout (NCCL's watchdog never sees it) and learn of the failure here,
+    not by dying on a closed socket."""
     out, error = None, None
-    if ctx.rank == 0:
-        try:
-            out = fn()
-        except Exception as e:  # a bad input (UserError) or a crash: the others must not wait
-            error = e
-    said = [None if error is None else str(error)]
+    try:
+        out = fn()
+    except Exception as e:  # a bad input (UserError) or a crash: the others must not wait
+        error = e
+    said = [None if error is None else str(error)] * ctx.world
     if ctx.world > 1:
-        dist.broadcast_object_list(said, src=0, group=ctx.wait_group)
-    if said[0] is not None:  # rank 0 reports its own; the others exit quietly with the same code
-        raise error if error is not None else Relayed(said[0])
+        dist.all_gather_object(said, said[ctx.rank], group=ctx.wait_group)
+    first = next((m for m in said if m is not None), None)
+    if first is None:
+        return out
+    if error is not None and (ctx.rank == 0 or not isinstance(error, UserError)):
+        raise error
+    raise (UserError if ctx.rank == 0 else Relayed)(first)
+
+def rank0_first(ctx, fn, alone=False):
+    """fn() on rank 0, then (unless alone: a check) on the others, which find its files (a
+    download, the hub cache); a failure on rank 0 stops all, as agree's."""
+    out = agree(ctx, fn if ctx.rank == 0 else lambda: None)
     return out if ctx.rank == 0 or alone else fn()
 
 LOSS_FLAGS = ("clip_eps", "uniformity", "background_penalty", "dual_clip", "kl_coef")
@@ -484,23 +528,31 @@ def train_step(model, old, opt, loss_fn, x, y, seg=False, dtype=torch.float32, w
 
 def train(args, ctx, net, train_set, run_dir):
     """Algorithm 1; with --method ce, standard fine-tuning with the same network and schedule.
-    Returns the history, or None when --stop-after-epoch ended the run early."""
+    Returns the history, or None when --stop-after-epoch ended the run early. Rank 0 keeps the
+    live log, run_dir/metrics.jsonl: a line per step and per epoch, written as they happen."""
     # The same shuffle on every rank (seed, epoch), each rank its share: the global batch is m.
     sampler = DistributedSampler(train_set, ctx.world, ctx.rank, shuffle=True, seed=args.seed)
     loader = DataLoader(train_set, args.batch_size // ctx.world, sampler=sampler,
-                        num_workers=args.workers, pin_memory=ctx.device.type == "cuda")
+                        num_workers=args.workers, pin_memory=ctx.device.type == "cuda",
+                        worker_init_fn=ignore_stops)
     model, old, old_fwd = make_models(net, args.method, ctx.world, args.compile)
     steps, seg = len(loader), args.task == "seg"  # a rank's steps an epoch
     opt, sched = make_optimizer(net, args.lr, args.batch_size, args.epochs * steps, ctx.device)
     loss_fn = make_loss(args.method, IGNORE if seg else -100, args.compile,
                         **{k: getattr(args, k) for k in LOSS_FLAGS})
     keys = ["step", "lr", "loss", "grad_norm", *(DIAGNOSTICS if old is not None else [])]
-    hist = {"train_loss": [], "sec_per_epoch": [], "series": {k: [] for k in keys}}
+    hist = {"train_loss": [], "sec_per_epoch": [], "series": {k: [] for k in keys},
+            "collapse_warning": None}  # the step of the collapse warning, if there was one
     ckpt, start = os.path.join(run_dir, "ckpt.pt"), 0
     if args.resume and os.path.isfile(ckpt):
         start, hist = load_checkpoint(ckpt, vars(args), ctx.world, net, old, opt, sched)
         if ctx.rank == 0:
             print(f"resumed from {ckpt}: epoch {start + 1}", flush=True)
+    if (args.stop_after_epoch or math.inf) <= start:
+        raise UserError(f"--stop-after-epoch {args.stop_after_epoch}: {ckpt} is at epoch {start}")
+    log = os.path.join(run_dir, "metrics.jsonl") if ctx.rank == 0 else None
+    if log:  # from the history: a resumed run's log has no step twice and none missing
+        append_log(log, [r for e in range(start) for r in log_rows(hist, e, steps)], "w")
     for epoch in range(start, args.epochs):
         sampler.set_epoch(epoch)
         torch.manual_seed(args.seed * 100_003 + ctx.rank * 1009 + epoch)  # augmentation draws
@@ -514,12 +566,13 @@ def train(args, ctx, net, train_set, run_dir):
             rows.append((s, sched.get_last_lr()[0], row))
             sched.step()
             if s % args.log_every == 0 or i == steps - 1:  # the loop's only host syncs
-                flush(rows, hist, ctx.world, epoch, ckpt)
+                flush(rows, hist, ctx.world, epoch, ckpt, log)
                 if ctx.rank == 0:
                     progress(hist, epoch, args.epochs, steps, t0, (i + 1) * args.batch_size)
         hist["train_loss"].append(float(np.mean(hist["series"]["loss"][-steps:])))
         hist["sec_per_epoch"].append(time.time() - t0)
         if ctx.rank == 0:  # everything --resume needs, written atomically
+            append_log(log, log_rows(hist, epoch, steps)[-1:])
             state = {"model": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1,
                      "sched": sched.state_dict(), "hist": hist, "config": vars(args),
                      "world": ctx.world, "old": old.state_dict() if old is not None else None}
@@ -530,9 +583,10 @@ def train(args, ctx, net, train_set, run_dir):
             return None
     return hist
 
-def flush(rows, hist, world, epoch, ckpt):
-    """Buffered steps -> hist["series"], the mean over ranks (ratio_dev_max: the max); the training
-    loop's only host sync. Stops at a non-finite loss or gradient."""
+def flush(rows, hist, world, epoch, ckpt, log=None):
+    """Buffered steps -> hist["series"], the mean over ranks (ratio_dev_max: the max), and the live
+    log; the training loop's only host sync. Stops at a non-finite loss or gradient; warns once
+    where COLLAPSE_WARNING is crossed."""
     steps, lrs, rows_t = zip(*rows)
     t = torch.stack(rows_t)  # (steps, values)
     keys = [k for k in hist["series"] if k not in ("step", "lr")]
@@ -551,34 +605,85 @@ def flush(rows, hist, world, epoch, ckpt):
                              f"last good checkpoint: {last} (lower --lr or use --dtype fp32)")
     for k, v in [("step", steps), ("lr", lrs), *values.items()]:
         hist["series"][k] += list(v)
+    key, limit = COLLAPSE_WARNING
+    over = [s for s, v in zip(steps, values.get(key, ())) if v > limit]
+    if over and hist["collapse_warning"] is None:
+        hist["collapse_warning"] = over[0]
+        if log:
+            print(f"warning: {key} {max(values[key]):.3g} > {limit:g} at step {over[0] + 1}: in "
+                  "our runs a collapse followed; --dual-clip 3 --kl-coef 1, or a lower --lr, "
+                  "kept them stable", flush=True)
+    if log:
+        n = len(hist["series"]["step"])
+        append_log(log, [{k: v[j] for k, v in hist["series"].items()}
+                         for j in range(n - len(steps), n)])
+
+def log_rows(hist, epoch, per_epoch):
+    """The live log's objects for one finished epoch: its steps (the series' keys), then its own."""
+    s, steps = hist["series"], range(epoch * per_epoch, (epoch + 1) * per_epoch)
+    return [{k: v[j] for k, v in s.items()} for j in steps] + [
+        {"epoch": epoch + 1, "train_loss": hist["train_loss"][epoch],
+         "sec_per_epoch": hist["sec_per_epoch"][epoch]}]
+
+def append_log(path, rows, mode="a"):
+    """metrics.jsonl: a JSON object a line, on disk at once (tail -f shows it; a crash keeps it)."""
+    with writing(path), open(path, mode) as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
 
 def progress(hist, epoch, epochs, per_epoch, t0, n_images):
-    """One line per --log-every steps: where, the last step's recorded values, speed, time left."""
+    """One line per --log-every steps: where, the last step's recorded values, speed, the time left
+    in training (evaluation then prints its own)."""
     s = hist["series"]
     done = s["step"][-1] + 1
     elapsed = time.time() - t0
     eta = elapsed / (done - epoch * per_epoch) * (epochs * per_epoch - done)
     line = [f"epoch {epoch + 1}/{epochs} step {done}/{epochs * per_epoch}"]
     line += [f"{k} {v[-1]:.3g}" for k, v in s.items() if k != "step"]
-    line += [f"{n_images / elapsed:.0f} img/s", f"ETA {datetime.timedelta(seconds=round(eta))}"]
+    line += [f"{n_images / elapsed:.0f} img/s",
+             f"training ETA {datetime.timedelta(seconds=round(eta))}"]
     print(" | ".join(line), flush=True)
 
 class RunStopped(UserError):
-    """The run stopped before its end (a signal, a non-finite loss): one line, exit code 3."""
+    """The run stopped before its end (a signal, a non-finite loss, a full disk): one line, exit
+    code 3; --resume goes on from the last checkpoint."""
+
+@contextlib.contextmanager
+def writing(path):
+    """Around a write: a full disk becomes one line naming the file (torch.save wraps the OSError
+    in a RuntimeError), not a traceback."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        cause = e if isinstance(e, OSError) else e.__cause__ or e.__context__
+        if getattr(cause, "errno", None) not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise RunStopped(f"{path}: no space left on its disk; free some, then rerun with "
+                         "--resume") from None
 
 def atomic_save(path, write):
-    """Write a temp file in the same folder, fsync, rename: never a half-written file."""
+    """Write a temp file in the same folder, fsync, rename: never a half-written file, and none
+    left behind by a failed write (a full disk stays full otherwise)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with writing(path), open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
-# Flags that may change on --resume: they do not change what training computes.
-RESUMABLE = {"out", "name", "resume", "force", "stop_after_epoch", "log_every", "workers",
-             "save_vis", "eval_epochs", "eval_lr", "feature_type", "ms_scales", "eval_memory_gb",
+# Flags that do not change what a run computes, and those that change its evaluation only: both
+# may change on --resume; a finished run is reused under other LOGISTICS only.
+LOGISTICS = {"out", "name", "resume", "force", "stop_after_epoch", "log_every", "eval_memory_gb",
              "compile", "dist_backend"}
+RESUMABLE = LOGISTICS | {"save_vis", "eval_epochs", "eval_lr", "feature_type", "ms_scales"}
+
+def changed(old, new, same_ok):
+    """The flags (as --flag) whose values differ between two configs, those in same_ok aside."""
+    keys = sorted(k for k in set(old) | set(new) if k not in same_ok and old.get(k) != new.get(k))
+    return ", ".join(f"--{k.replace('_', '-')}" for k in keys)
 
 def load_checkpoint(path, config, world, net, old, opt, sched):
     """-> (the next epoch, the history so far); θ_old as it was (with --old-every K it may date
@@ -586,11 +691,9 @@ def load_checkpoint(path, config, world, net, old, opt, sched):
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt["world"] != world:  # other shards, augmentation draws and steps an epoch
         raise UserError(f"--resume: {path} was written by {ckpt['world']} processes, not {world}")
-    diff = sorted(k for k in set(ckpt["config"]) | set(config)
-                  if k not in RESUMABLE and ckpt["config"].get(k) != config.get(k))
+    diff = changed(ckpt["config"], config, RESUMABLE)
     if diff:
-        flags = ", ".join(f"--{k.replace('_', '-')}" for k in diff)
-        raise UserError(f"--resume: {path} was written with other settings ({flags})")
+        raise UserError(f"--resume: {path} was written with other settings ({diff})")
     for part, key in [(net, "model"), (old, "old"), (opt, "opt"), (sched, "sched")]:
         if part is not None:  # θ_old is None for fine-tuning
             part.load_state_dict(ckpt[key])
@@ -612,9 +715,8 @@ def extract(features, loader, device, dtype=torch.float32, spill=None, memory_gb
     feats = labels = None
     i, n, t0 = 0, len(loader.dataset), time.time()
     for b, (x, y) in enumerate(loader):
-        if b % max(1, len(loader) // 5) == 0 and i:  # progress, 5 lines a split
-            eta = datetime.timedelta(seconds=round((time.time() - t0) / i * (n - i)))
-            print(f"  features: {i}/{n} images, ETA {eta}", flush=True)
+        if b % max(1, len(loader) // 5) == 0 and i:  # 5 lines a split
+            say_progress("features", i, n, "images", t0)
         with autocast(device, dtype):
             f = features(x.to(device, non_blocking=True)).to(dtype)
         y = y if label_size is None else resize_labels(y, label_size).to(torch.uint8)
@@ -627,6 +729,11 @@ def extract(features, loader, device, dtype=torch.float32, spill=None, memory_gb
         i += len(f)
     return feats[:i], labels[:i]  # a loader may skip samples (drop_last, a sampler)
 
+def say_progress(what, done, total, unit, t0):
+    """An evaluation phase's progress line: how far, and the time left at the pace so far."""
+    eta = datetime.timedelta(seconds=round((time.time() - t0) / done * (total - done)))
+    print(f"  {what}: {done}/{total} {unit}, ETA {eta}", flush=True)
+
 def host_tensor(shape, dtype, path):
     """A tensor in RAM, or (path given) memory-mapped from that file, made or grown to fit."""
     if not path:
@@ -635,7 +742,7 @@ def host_tensor(shape, dtype, path):
     return torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
 
 def fit_head(head, feats, labels, epochs, batch_size, lr, device, dtype=torch.float32,
-             cols=slice(None), ignore_index=-100, seed=0):
+             cols=slice(None), ignore_index=-100, seed=0, name="head"):
     """Train a fresh head on cached frozen features (the columns cols of feats) with training's
     optimizer and lr rule and cross-entropy over the labelled samples. -> the head, in eval mode."""
     steps = epochs * math.ceil(len(feats) / batch_size)
@@ -650,8 +757,7 @@ def fit_head(head, feats, labels, epochs, batch_size, lr, device, dtype=torch.fl
             train_step(head, None, opt, cross_entropy, x, y, False, dtype)  # training's step
             sched.step()
         if (epoch + 1) % max(1, epochs // 5) == 0:
-            print(f"  evaluation head: epoch {epoch + 1}/{epochs}, {time.time() - t0:.0f} s",
-                  flush=True)
+            say_progress(name, epoch + 1, epochs, "epochs", t0)
     return head.eval()
 
 def knn_predict(train_feats, train_labels, test_feats, k=5, chunk=1024):
@@ -697,7 +803,7 @@ def evaluate_cls(net, train_loader, test_loader, num_classes, device, dtype=torc
     te_f, te_y = extract(net.features, test_loader, device, dtype)
     torch.manual_seed(fit.get("seed", 0))
     head = nn.Linear(tr_f.shape[1], num_classes).to(device)  # SR: softmax regression
-    head = fit_head(head, tr_f, tr_y, device=device, dtype=dtype, **fit)
+    head = fit_head(head, tr_f, tr_y, device=device, dtype=dtype, name="SR head", **fit)
     with torch.no_grad(), autocast(device, dtype):
         sr = torch.cat([head(f.to(device).float()).argmax(1).cpu() for f in te_f.split(4096)])
     knn = knn_predict(tr_f.to(device), tr_y.to(device), te_f.to(device)).cpu()
@@ -738,13 +844,15 @@ def evaluate_seg(net, train_loader, test_loader, num_classes, hidden, seg_size, 
         head = SegHead(D * (4 if ft == "ms" else 1), hidden, num_classes, seg_size).to(device)
         cols = slice(None) if ft == "ms" else slice(-D, None)  # linear: the last layer
         heads[ft] = fit_head(head, tr_f, tr_y, device=device, dtype=dtype, cols=cols,
-                             ignore_index=IGNORE, **fit)
+                             ignore_index=IGNORE, name=f"{ft} head", **fit)
     del tr_f, tr_y
     conf = {ft: torch.zeros(num_classes, num_classes, dtype=torch.long) for ft in heads}
     n = len(test_loader.dataset)  # Figure 2's material: evenly spaced (not one scene's frames)
     picks = torch.linspace(0, n - 1, save_vis).round().long().unique() if save_vis else []
-    shown, i = [], 0
-    for x, y in test_loader:
+    shown, i, t0 = [], 0, time.time()
+    for b, (x, y) in enumerate(test_loader):
+        if b % max(1, len(test_loader) // 5) == 0 and i:  # multi-scale: 10 passes an image
+            say_progress("test predictions", i, n, "images", t0)
         preds = {ft: predict_seg(net, h, x.to(device), seg_size, ms_scales if ft == "ms" else (),
                                  dtype).argmax(1).cpu() for ft, h in heads.items()}  # (B, H, W)
         for ft, pred in preds.items():
@@ -778,9 +886,14 @@ def run(args, ctx):
     run_dir = os.path.join(args.out, args.name or run_name(args))
     done = os.path.join(run_dir, "result.json")  # a run folder is never silently overwritten:
     if os.path.exists(done) and not args.force:  # a finished run is not run again
-        print(f"{run_dir}: finished already; --force runs it again", flush=True)
         with open(done) as f:
-            return json.load(f), None
+            result = json.load(f)
+        diff = changed(result["config"], vars(args), LOGISTICS)
+        if diff:
+            raise UserError(f"{run_dir} finished with other settings ({diff}): another --name, "
+                            "or --force to run it again")
+        print(f"{run_dir}: finished already; --force runs it again", flush=True)
+        return result, None
     if os.path.exists(os.path.join(run_dir, "ckpt.pt")) and not (args.resume or args.force):
         raise UserError(f"{run_dir} holds an unfinished run: --resume continues it, --force "
                         "starts afresh")
@@ -800,9 +913,14 @@ def run(args, ctx):
         hist = train(args, ctx, net, train_set, run_dir)
     if hist is None or ctx.rank > 0:
         return None, net
-    t0 = time.time()
+    cuda, t0 = ctx.device.type == "cuda", time.time()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    if cuda:  # evaluation's peak apart from training's
+        torch.cuda.reset_peak_memory_stats()
     metrics = evaluate(args, ctx, net, train_eval, test, num_classes, run_dir)
-    result = {"metrics": metrics, **hist, "eval_seconds": time.time() - t0, "config": vars(args)}
+    result = {"metrics": metrics, **hist, "eval_seconds": time.time() - t0, "config": vars(args),
+              "peak_memory_gb": peak,
+              "eval_peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
     return finish(run_dir, net, result, ctx, save_backbone=args.method != "frozen"), net
 
 def evaluate(args, ctx, net, train_eval, test, num_classes, run_dir):
@@ -810,7 +928,7 @@ def evaluate(args, ctx, net, train_eval, test, num_classes, run_dir):
     print(f"evaluating: features of {len(train_eval)} + {len(test)} images, then "
           f"{args.eval_epochs} epochs of a fresh head", flush=True)
     loader = functools.partial(DataLoader, num_workers=args.workers,
-                               pin_memory=ctx.device.type == "cuda")
+                               pin_memory=ctx.device.type == "cuda", worker_init_fn=ignore_stops)
     fit = dict(epochs=args.eval_epochs, batch_size=args.batch_size, lr=args.eval_lr, seed=args.seed)
     spill = os.path.join(run_dir, "cache")  # features beyond --eval-memory-gb go here
     net, train_loader = net.eval(), loader(train_eval, args.batch_size)
@@ -833,7 +951,6 @@ def finish(run_dir, net, result, ctx, save_backbone=True):
     result on disk means a finished run; the resume state goes. -> result."""
     cuda = ctx.device.type == "cuda"
     result |= {"world_size": ctx.world, "torch": torch.__version__,
-               "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                "device": torch.cuda.get_device_name() if cuda else "cpu",
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     if save_backbone:
@@ -843,7 +960,10 @@ def finish(run_dir, net, result, ctx, save_backbone=True):
     atomic_save(os.path.join(run_dir, "result.json"), lambda f: f.write(text))
     if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
         os.remove(os.path.join(run_dir, "ckpt.pt"))
-    print(f"{os.path.basename(run_dir)}: {json.dumps(result['metrics'])}", flush=True)
+    rounded = {k: round(v, 2) for k, v in result["metrics"].items() if not isinstance(v, dict)}
+    rounded |= {k: {m: round(x, 2) for m, x in v.items()}
+                for k, v in result["metrics"].items() if isinstance(v, dict)}
+    print(f"{os.path.basename(run_dir)}: {json.dumps(rounded)}", flush=True)
     return result
 
 
@@ -897,7 +1017,8 @@ def make_parser():
     a("--background-penalty", action=on_off, help="seg: r_0 -= c/2 after Eq. (6); default: voc")
     a("--dual-clip", type=number(float, 1, low_open=True), metavar="C",
       help="not in the paper: bound the terms of A < 0 below by C·A (dual-clip PPO uses 3)")
-    a("--kl-coef", type=POS_FLOAT, metavar="k", help="not in the paper: + k·KL(π_θold‖π_θ)")
+    a("--kl-coef", type=number(float, 0), metavar="k",
+      help="not in the paper: + k·KL(π_θold‖π_θ); 0: off")
     a("--old-every", type=POS_INT, metavar="K",
       help="not in the paper: refresh θ_old every K steps (default: once an epoch, Algorithm 1)")
     a("--epochs", type=POS_INT, default=100, help="post-training epochs")
@@ -920,7 +1041,7 @@ def make_parser():
     a("--dtype", choices=["bf16", "fp32"], help="autocast dtype; default bf16 on GPU, else fp32")
     a("--dist-backend", choices=["nccl", "gloo"], help="torchrun; default nccl on GPU, else gloo")
     a("--compile", action="store_true", help="torch.compile the model, θ_old and the loss")
-    a("--workers", type=number(int, 0), default=min(8, os.cpu_count() or 1), help="per process")
+    a("--workers", type=number(int, 0), help="data loading, per process; default min(8, CPUs)")
     a("--out", default="runs", help="each run writes OUT/NAME/result.json")
     a("--name", help="run name; default: derived from the flags")
     a("--resume", action="store_true", help="continue from OUT/NAME/ckpt.pt if there is one")
@@ -949,6 +1070,10 @@ def get_args(argv=None):
     args.hidden = args.hidden or (64 if args.dataset == "voc" else 256)
     if args.background_penalty is None:
         args.background_penalty = spec.background
+    args.workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
+    if (args.stop_after_epoch or 0) >= args.epochs:
+        p.error(f"argument --stop-after-epoch: {args.stop_after_epoch} is not before --epochs "
+                f"{args.epochs}")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -971,9 +1096,15 @@ def run_name(args):
     parts += [f"old{args.old_every}"] if args.old_every else []
     return "-".join(parts + [f"s{args.seed}", digest])
 
-def stop(signum, _):  # SIGTERM, SIGINT: the run stops at once, with one line
-    raise RunStopped(f"stopped by {signal.Signals(signum).name}: rerun with --resume to go on "
-                     "from the last finished epoch")
+STOPPED = []  # the RunStopped of the first stop signal
+
+def stop(signum, _):
+    """SIGTERM, SIGINT: the run stops at once, with one line. Later ones are ignored: under torchrun
+    a Ctrl-C reaches each rank, then torchrun's SIGTERM follows."""
+    ignore_stops()
+    STOPPED.append(RunStopped(f"stopped by {signal.Signals(signum).name}: rerun with --resume to "
+                              "go on from the last finished epoch"))
+    raise STOPPED[-1]
 
 def main(argv=None):
     args = get_args(argv)
@@ -989,9 +1120,14 @@ def main(argv=None):
 def cli(argv=None):
     """The command line: a bad input is one line on stderr (exit 2), a stop one line (exit 3)."""
     rank = int(os.environ.get("RANK", "0"))
+    ignore_stops()  # until main() is in charge, and after it
     try:
         main(argv)
-    except UserError as e:
+    except Exception as e:
+        if STOPPED and not isinstance(e, UserError):  # the stop broke a collective or a write
+            e = STOPPED[0]
+        if not isinstance(e, UserError):
+            raise
         quiet = isinstance(e, Relayed) or (isinstance(e, RunStopped) and rank > 0)
         if not quiet:  # under torchrun rank 0's error is one line, not one a rank
             # A UserError raised in a DataLoader worker arrives wrapped, its traceback as text.

@@ -5,7 +5,9 @@ and tiny datasets in the real on-disk layouts come from conftest.py. Where a clo
 facebookresearch/dinov2 exists (the folder named by GRPO_RM_DINOV2) the real classes are tested
 too; where a GPU exists the device-parametrised cases also run on CUDA."""
 import copy
+import errno
 import functools
+import io
 import json
 import math
 import os
@@ -19,12 +21,13 @@ import time
 
 import numpy as np
 import pytest
+import re
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 import grpo_rm as G
-from conftest import image, palette_png
+from conftest import SHARED, image, palette_png
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CUDA = torch.cuda.is_available()
@@ -138,10 +141,11 @@ def _cli(*argv, env=None):
     return p.returncode, p.stderr, [ln for ln in p.stderr.strip().splitlines() if "error:" in ln]
 
 
-def _popen_until(argv, marker):
-    """Start grpo_rm.py, read its output until a line starts with marker; -> the process."""
-    p = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "grpo_rm.py"), *argv],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _popen_until(argv, marker, launcher=(), **kw):
+    """Start grpo_rm.py (under launcher), read its output until a line starts with marker; -> the
+    process."""
+    p = subprocess.Popen([sys.executable, "-u", *launcher, os.path.join(HERE, "grpo_rm.py"), *argv],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
     for line in p.stdout:
         if line.startswith(marker):
             return p
@@ -540,10 +544,16 @@ def test_hub_local_load_and_weights(hub, tmp_path):
 
 
 def test_hub_errors(hub, tmp_path):
-    with pytest.raises(G.UserError, match="--model dinov2_nope"):
+    with pytest.raises(G.UserError, match="--model dinov2_nope: .*has no such entry point"):
         G.load_backbone(hub, "dinov2_nope")
     with pytest.raises(G.UserError, match="hubconf.py"):
         G.load_backbone(str(tmp_path), "dinov2_vitt_test")
+    for typo in [hub + "x", "../tinyvit", "tinyvit"]:  # a folder that is not there, not GitHub
+        with pytest.raises(G.UserError, match=f"--hub-repo {re.escape(typo)}: no such folder"):
+            G.load_backbone(typo, "dinov2_vitt_test")
+    Image.new("RGB", (8, 8)).save(tmp_path / "some.jpg")
+    with pytest.raises(G.UserError, match=r"some.jpg: not a state dict file \(UnpicklingError\)$"):
+        G.load_backbone(hub, "dinov2_vitt_test", str(tmp_path / "some.jpg"))
     own = G.load_backbone(hub, "dinov2_vitt_test").state_dict()
     bad = {k: v for k, v in own.items() if "blocks.3" not in k}
     bad["pos_embed"] = torch.zeros(1, 5, 16)
@@ -702,7 +712,8 @@ def test_offline_download_is_one_clear_line(hub, tmp_path, monkeypatch):
                        timeout=300)
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
-    assert lines[0].startswith("error: --data-dir") and "download failed" in lines[0], lines
+    assert lines[0].startswith("error: --data-dir") and f"downloading {dead} failed" in lines[0]
+    assert "Connection refused" in lines[0], lines  # the cause, and the URL it failed on
 
 
 def test_data_is_checked_before_training(hub, imagefolder, vocfolder, tmp_path, monkeypatch):
@@ -718,6 +729,44 @@ def test_data_is_checked_before_training(hub, imagefolder, vocfolder, tmp_path, 
     (d / "test" / "class2" / "3.png").write_bytes(b"\x89PNG truncated")
     with pytest.raises(G.UserError, match="3.png: cannot read image"):
         G.main(cls_args(hub, str(d), tmp_path))
+
+
+def test_training_files_are_read_before_training(hub, imagefolder, vocfolder, tmp_path,
+                                                 monkeypatch):
+    """A truncated training image or a missing training mask is found before the first step, and
+    the run leaves no folder behind."""
+    monkeypatch.setattr(G, "train", lambda *a: pytest.fail("training started"))
+    d = tmp_path / "cls"
+    shutil.copytree(imagefolder, d)
+    path = d / "train" / "class1" / "4.png"
+    path.write_bytes(path.read_bytes()[:60])  # truncated: its header reads, its pixels do not
+    with pytest.raises(G.UserError, match="4.png: cannot read image"):
+        G.main(cls_args(hub, str(d), tmp_path / "out", "--subset", "0.25"))
+    v = tmp_path / "voc"
+    shutil.copytree(vocfolder, v)
+    os.remove(v / "VOCdevkit" / "VOC2012" / "SegmentationClass" / "train2.png")
+    with pytest.raises(G.UserError, match="train2.png: cannot read image"):
+        G.main(seg_args(hub, str(v), tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_normalisation_is_dinov2s():
+    """The backbones were pretrained on inputs normalised by ImageNet's mean and std: DINOv2's
+    own transforms where the clone is at hand, its published constants otherwise."""
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    clone = os.path.join(SHARED, "dinov2")
+    if os.path.isdir(clone):
+        sys.path.insert(0, clone)
+        try:
+            from dinov2.data import transforms as T
+            mean, std = T.IMAGENET_DEFAULT_MEAN, T.IMAGENET_DEFAULT_STD
+        finally:
+            sys.path.remove(clone)
+    img = Image.new("RGB", (16, 16), (255, 128, 0))
+    for x in [G.cls_transform(16, False)(img), G.seg_transform(16, False)(
+            G.tv_tensors.Image(G.v2.functional.pil_to_tensor(img)))]:
+        expected = (torch.tensor([255, 128, 0]) / 255 - torch.tensor(mean)) / torch.tensor(std)
+        torch.testing.assert_close(x[:, 0, 0], expected.float())
 
 
 # =============================================================================
@@ -1078,6 +1127,13 @@ def test_finished_run_is_skipped_unless_forced(hub, imagefolder, tmp_path, monke
         again, net = G.main(argv)
     assert net is None and again["metrics"] == first["metrics"]
     assert "finished already" in capsys.readouterr().out
+    with pytest.raises(G.UserError, match=r"finished with other settings \(--eval-lr\): "
+                                          "another --name"):  # not its old result
+        G.main([*argv, "--eval-lr", "0.5"])  # the same folder: evaluation is not in its name
+    name = _run_dir(tmp_path, "cls-imagefolder-grpo-eq4-s0").name
+    with pytest.raises(G.UserError, match=r"other settings \(--eval-lr, --lr, --method\)"):
+        G.main([*argv, "--name", name, "--lr", "0.5", "--method", "ce"])
+    assert G.main([*argv, "--log-every", "3"])[0] == again  # a logistic flag: the same result
     forced, net = G.main([*argv, "--force"])
     assert net is not None and len(list(tmp_path.glob("cls-*"))) == 1
 
@@ -1087,6 +1143,8 @@ def test_unfinished_run_needs_resume_or_force(hub, imagefolder, tmp_path):
     G.main([*argv, "--stop-after-epoch", "1"])
     with pytest.raises(G.UserError, match="--resume continues it, --force starts afresh"):
         G.main(argv)
+    with pytest.raises(G.UserError, match=r"--stop-after-epoch 1: .*ckpt.pt is at epoch 1"):
+        G.main([*argv, "--resume", "--stop-after-epoch", "1"])  # would never stop
     fresh, _ = G.main([*argv, "--force"])
     assert len(fresh["train_loss"]) == 2
 
@@ -1097,7 +1155,8 @@ def test_run_name_follows_every_flag_that_sets_training(hub, imagefolder, tmp_pa
     names = [name(), name("--data-dir", "other"), name("--img-size", "32"), name("--epochs", "3"),
              name("--dual-clip", "3")]
     assert len(set(names)) == 5 and names[0].startswith("cls-imagefolder-grpo-eq4-s0-")
-    assert name("--eval-lr", "0.5", "--workers", "1") == names[0]  # may change on --resume
+    assert name("--eval-lr", "0.5", "--log-every", "1") == names[0]  # may change on --resume
+    assert name("--workers", "1") != names[0]  # another worker count draws other augmentations
 
 
 def test_a_run_that_fails_before_training_leaves_no_folder(hub, tmp_path):
@@ -1133,6 +1192,96 @@ def test_sigterm_in_training_exits_3_and_resumes(hub, imagefolder, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert f"resumed from {run / 'ckpt.pt'}: epoch {done + 1}" in p.stdout
     assert len(torch.load(run / "ckpt.pt", weights_only=False)["hist"]["train_loss"]) == done + 1
+
+
+STOP_LINE = "error: stopped by {}: rerun with --resume to go on from the last finished epoch"
+
+
+@pytest.mark.parametrize("marker,sig,extra", [
+    ("epoch 2/", signal.SIGINT, []),  # a terminal's Ctrl-C: to the whole process group
+    ("evaluating", signal.SIGTERM, ["--epochs", "1", "--eval-epochs", "1000000"])])
+def test_a_stop_to_the_process_group_is_one_line(hub, imagefolder, tmp_path, marker, sig, extra):
+    """The data-loading workers get the signal too; the main process alone says so."""
+    argv = cls_args(hub, imagefolder, tmp_path, "--epochs", "1000", "--workers", "2", *extra)
+    p = _popen_until(argv, marker, start_new_session=True)
+    time.sleep(0.5)
+    os.killpg(p.pid, sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 3 and err.splitlines() == [STOP_LINE.format(sig.name)], err
+
+
+def test_torchrun_ctrl_c_is_one_line_from_rank_0(hub, imagefolder, tmp_path):
+    """Under torchrun a Ctrl-C reaches both ranks and their workers, then torchrun's SIGTERM
+    follows: rank 0 says it once; no traceback of ours (torchrun's own report is torchrun's)."""
+    argv = cls_args(hub, imagefolder, tmp_path, "--epochs", "1000", "--workers", "1")
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                str(_free_port())]
+    p = _popen_until(argv, "epoch 2/", launcher, start_new_session=True,
+                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert [ln for ln in err.splitlines() if "error:" in ln] == [STOP_LINE.format("SIGINT")], err
+    for needle in ["grpo_rm.py\", line", "RunStopped", "DataLoader worker", "Connection closed"]:
+        assert needle not in err, err
+
+
+@pytest.mark.parametrize("target", ["ckpt.pt.tmp", "metrics.jsonl"])
+def test_a_full_disk_is_one_line_and_leaves_no_temp_file(hub, imagefolder, tmp_path, monkeypatch,
+                                                        capsys, target):
+    class FullDisk(io.FileIO):  # writes as a file system with no space left does
+        def write(self, b):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    real_open = open
+    monkeypatch.setattr(G, "open", lambda path, mode="r", *a, **k: FullDisk(path, mode[0]) if (
+        target in str(path) and "r" not in mode) else real_open(path, mode, *a, **k),
+        raising=False)
+    with pytest.raises(SystemExit) as stop:
+        G.cli(cls_args(hub, imagefolder, tmp_path))
+    err = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 3 and len(err) == 1, err
+    name = target.split(".tmp")[0]  # the file it was writing, not its temp file
+    assert re.fullmatch(f"error: .*{name}: no space left on its disk; free some, then rerun "
+                        "with --resume", err[0]), err
+    assert not list(tmp_path.glob("*/*.tmp*"))  # the disk is not left fuller still
+
+
+def _log(run):
+    return [json.loads(ln) for ln in open(run / "metrics.jsonl")]
+
+
+def test_live_log_has_every_step_and_epoch_and_resumes_without_gaps(hub, imagefolder, tmp_path):
+    argv = cls_args(hub, imagefolder, tmp_path, "--epochs", "3", "--eval-epochs", "1")
+    whole, _ = G.main(_with_out(argv, tmp_path / "a"))
+    log = _log(_run_dir(tmp_path / "a", "cls-imagefolder-grpo-eq4-s0"))
+    steps = [r for r in log if "step" in r]
+    assert [r["step"] for r in steps] == whole["series"]["step"] == list(range(9))
+    assert all(list(r) == list(whole["series"]) for r in steps)  # the keys of series
+    assert [(r["epoch"], r["train_loss"]) for r in log if "epoch" in r] == list(
+        zip([1, 2, 3], whole["train_loss"]))
+    assert [len(r) for r in log].index(3) == 3  # epoch 1's line right after its 3 steps
+    b = _with_out(argv, tmp_path / "b")
+    G.main([*b, "--stop-after-epoch", "1"])
+    run = _run_dir(tmp_path / "b", "cls-imagefolder-grpo-eq4-s0")
+    with open(run / "metrics.jsonl", "a") as f:  # a crash after epoch 2's first step was logged
+        f.write(json.dumps(steps[3]) + "\n")
+    G.main([*b, "--resume"])
+    again = _log(run)
+    assert [r for r in again if "step" in r] == steps  # none twice, none missing
+    assert [r.get("epoch") for r in again] == [r.get("epoch") for r in log]
+
+
+@pytest.mark.parametrize("limit,warned", [(1e-9, True), (1e9, False)])
+def test_collapse_warning_is_one_line_with_the_remedies(hub, imagefolder, tmp_path, monkeypatch,
+                                                        capsys, limit, warned):
+    monkeypatch.setattr(G, "COLLAPSE_WARNING", ("ratio_dev_max", limit))
+    result, _ = G.main(cls_args(hub, imagefolder, tmp_path, "--epochs", "3"))
+    out = capsys.readouterr().out
+    s = result["series"]
+    first = next((i for i, v in zip(s["step"], s["ratio_dev_max"]) if v > limit), None)
+    assert result["collapse_warning"] == first and (first is not None) == warned
+    assert out.count("warning: ratio_dev_max") == warned, out
+    if warned:  # ρ = 1 at each refresh: the first step past it, once, with what to do
+        assert first == 1 and "--dual-clip 3 --kl-coef 1, or a lower --lr" in out
 
 
 # =============================================================================
@@ -1500,6 +1649,7 @@ def test_cli_bad_inputs(hub, imagefolder, tmp_path, monkeypatch):
         (base + ["--data-dir", str(tmp_path / "missing")], "--data-dir"),
         (base + ["--num-classes", "2"], "--num-classes 2"),
         (base + ["--subset", "1.5"], "--subset"),
+        (base + ["--subset", "1e-9"], "--subset 1e-09: 0 of 24 images"),
         (base + ["--hub-repo", str(tmp_path)], "hubconf.py"),
         (base + ["--img-size", "18"], "--img-size 18"),
         (base + ["--task", "seg"], "--task"),
@@ -1617,7 +1767,7 @@ def test_defaults_follow_the_paper():
     ("--img-size", "0"), ("--seg-size", "-1"), ("--lr", "-1"), ("--lr", "0"), ("--eval-lr", "0"),
     ("--clip-eps", "-0.1"), ("--clip-eps", "1.5"), ("--subset", "0"), ("--subset", "1.5"),
     ("--workers", "-1"), ("--log-every", "0"), ("--dual-clip", "1"), ("--old-every", "0"),
-    ("--kl-coef", "0"),
+    ("--kl-coef", "-1"), ("--stop-after-epoch", "100"),
     ("--num-classes", "1"), ("--ms-scales", "0"), ("--feature-type", "deep"),
     ("--hub-kwargs", "[1]"), ("--batch-size", "x")])
 def test_every_numeric_flag_is_range_checked(flag, bad, capsys):
@@ -1628,7 +1778,15 @@ def test_every_numeric_flag_is_range_checked(flag, bad, capsys):
     assert f"argument {flag}: " in err[-1] and "Traceback" not in "".join(err), err
 
 
+def test_kl_coef_zero_is_off():
+    assert G.get_args(["--dataset", "cifar10", "--kl-coef", "0"]).kl_coef == 0
+    z, z_old, y = torch.randn(6, 4), torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
+    assert G.grpo_rm_loss(z, z_old, y, kl_coef=0) == G.grpo_rm_loss(z, z_old, y)
+
+
 def test_help_shows_real_defaults_and_examples():
     text = G.make_parser().format_help()
+    assert "default min(8, CPUs)" in text and "(default: None)" not in text
+    assert G.get_args(["--dataset", "cifar10"]).workers == min(8, os.cpu_count())
     assert "(default: None)" not in text and "default 1024 (cls), 256 (seg)" in text
     assert "(default: 100)" in text and "examples:\n  python3 grpo_rm.py --dataset" in text
