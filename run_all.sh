@@ -1,13 +1,30 @@
 #!/usr/bin/env bash
 # Reproduce the tables and figures of the GRPO-RM paper, or a paper-length miniature of them.
 #
-#   bash run_all.sh TARGET      TARGET: table2 table3 table4 table5 table6 fig2 fig3 mini stable all
-#                                       backbone (the miniature's backbone, pretrained into OUT/hub-tin)
+#   bash run_all.sh TARGET      (bash run_all.sh --help prints this header)
+#
+# Targets, and how long they take:
+#   table2 table3 table4 table6 fig2 fig3   the paper's runs at full scale on NPROC GPUs. Not timed
+#            whole. An estimate from results/bench-gpu (one H100, the code before its rewrite):
+#            GRPO-RM trains ViT-S/14 at ~2,900 img/s a GPU, so an ImageNet epoch takes ~2 min on
+#            4 GPUs and its 100 epochs ~3.5 h a run, evaluation apart.
+#   table5   the benchmark (synthetic batches): minutes
+#   all      table3 table2 table4 table5 table6 fig2: every paper target, the sum of their times:
+#            days on 4 GPUs (not mini, stable, backbone, which are separate)
+#   mini     the paper-length miniature on 2 CPU cores: ~2.5 h for SEEDS="0 1 2" (JOBS=2
+#            OMP_NUM_THREADS=1), ~4 h for five seeds; SCALE=gpu: ~16 min on one H100 (CIFAR-10)
+#   stable   the stabilisers (VARIANTS) on 2 CPU cores, one thread a run: 20 to 80 min a CIFAR-10
+#            run (2,000 images), ~25 min a Tiny-ImageNet run, ~10 min a CamVid run
+#   backbone the miniature's backbone, pretrained into OUT/hub-tin: ~8 min an epoch on 2 CPU
+#            cores, 13 epochs
+#   assets   the miniature's data and backbone from public sources: tools/prepare_data.py mini
+#            into DATA_ROOT (the downloads, then ~30 s of cutting and checking on 2 CPU cores),
+#            then the backbone target (OUT/hub-tin): ~2 h on 2 CPU cores
 #
 # Environment (defaults in brackets):
 #   NPROC      processes (GPUs) per run [4; mini and stable: 1]
-#   DATA_ROOT  the datasets, in the layouts of README.md [data; mini and stable: ../shared/data,
-#              where the miniature's cifar10_jpg_mini/ tiny-imagenet-200-mini/ camvid_voc/ are]:
+#   DATA_ROOT  the datasets, in the layouts of README.md [data; also for mini and stable, whose
+#              cifar10_jpg_mini/ tiny-imagenet-200-mini/ camvid_voc/ the assets target makes]:
 #              cifar10/ cifar100/ stl10/ (torchvision), tinyimagenet/, imagenet/{train,val}/,
 #              voc/VOCdevkit/VOC2012/, ade20k/, cocostuff/ (tinyimagenet, ade20k and cocostuff as
 #              tools/prepare_data.py leaves them; the targets that need them run it first)
@@ -15,7 +32,7 @@
 #   SEEDS      seeds of the configurations the paper ran 5 times ["0 1 2 3 4"]; the rows it ran
 #              once (frozen DINOv2, Table 4, Table 6) take the first seed only
 #   HUB_REPO   torch.hub repository [grpo_rm.py's pinned DINOv2 commit; mini and stable:
-#              ../shared/hub, the miniature's backbone]
+#              runs/hub-tin, the miniature's backbone as the assets target pretrains it]
 #   MODEL      hub entry point [dinov2_vits14; mini and stable: dinov2_vitt8_tin]
 #   WEIGHTS    a local weights file for the backbone (offline use)
 #   SCALE      mini only: cpu (subsets; with JOBS=2 OMP_NUM_THREADS=1 on 2 cores about 2.5 hours
@@ -36,8 +53,8 @@ PYTHON=${PYTHON:-python3}
 JOBS=${JOBS:-1}
 SEEDS=${SEEDS:-"0 1 2 3 4"}
 if [[ $TARGET == mini || $TARGET == stable ]]; then
-  NPROC=${NPROC:-1}; DATA_ROOT=${DATA_ROOT:-../shared/data}; OUT=${OUT:-runs-mini}
-  HUB_REPO=${HUB_REPO:-../shared/hub}; MODEL=${MODEL:-dinov2_vitt8_tin}; SCALE=${SCALE:-cpu}
+  NPROC=${NPROC:-1}; DATA_ROOT=${DATA_ROOT:-data}; OUT=${OUT:-runs-mini}
+  HUB_REPO=${HUB_REPO:-runs/hub-tin}; MODEL=${MODEL:-dinov2_vitt8_tin}; SCALE=${SCALE:-cpu}
 else
   NPROC=${NPROC:-4}; DATA_ROOT=${DATA_ROOT:-data}; OUT=${OUT:-runs}
   HUB_REPO=${HUB_REPO:-}; MODEL=${MODEL:-dinov2_vits14}
@@ -144,7 +161,7 @@ table5() {  # the paper's batch over NPROC processes, synthetic batches of each 
 }
 
 # The paper-length miniature: the paper's 100 epochs, on small real datasets, with the small
-# pretrained backbone of ../hub. SCALE=gpu post-trains on whole sets with 50 steps an epoch (the
+# pretrained backbone (both: the assets target). SCALE=gpu post-trains on whole sets with 50 steps an epoch (the
 # paper's CIFAR-10 run has 50,000 / 1,024 = 49). SCALE=cpu post-trains on subsets with 16 steps an
 # epoch: 320 CIFAR-10 and 320 Tiny-ImageNet images (batch 20), 128 CamVid images (batch 8). The
 # evaluation heads always train on the whole training split.
@@ -245,10 +262,21 @@ backbone() {
   "$PYTHON" tools/pretrain_backbone.py --data-dir "$(path tinyimagenet)" --out "$OUT/hub-tin" --resume
 }
 
+# The miniature's folders, rebuilt from their public sources into DATA_ROOT and checked against
+# tools/mini_assets.json (a checked folder is kept), then its backbone pretrained into OUT/hub-tin;
+# Tiny-ImageNet's zip is downloaded once for both
+assets() {
+  "$PYTHON" tools/prepare_data.py mini --data-dir "$DATA_ROOT"
+  backbone
+}
+
 case $TARGET in
+  -h|--help|help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' ;;
   backbone) backbone ;;
+  assets) assets ;;
   table2|table3|table4|table5|table6|fig2|fig3|mini|stable) "$TARGET"; report ;;
   all) table3; table2; table4; table5; table6; fig2; report ;;
-  *) echo "usage: bash run_all.sh {table2|table3|table4|table5|table6|fig2|fig3|mini|stable|all|backbone}" >&2
+  *) echo "usage: bash run_all.sh {table2|table3|table4|table5|table6|fig2|fig3|mini|stable|all|backbone|assets}" >&2
+     echo "       bash run_all.sh --help: what each does, how long it takes, its settings" >&2
      exit 2 ;;
 esac
