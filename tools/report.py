@@ -1,55 +1,97 @@
 """The paper's tables and figures from a folder of GRPO-RM runs.
 
-Reads RUNS_DIR/*/result.json (training runs) and RUNS_DIR/bench-*.json (benchmarks) and writes
-RUNS_DIR/report.md: Tables 2/3/4/5/6 shaped like the paper's, GRPO-RM minus fine-tuning paired by
-seed with 95% confidence intervals, every setting of an lr sweep; then Figure 3 (training curves,
-PNG and CSV) and Figure 2 (segmentation examples, PNG) beside it.
+Reads RUNS_DIR/*/result.json (runs) and RUNS_DIR/bench-*.json (benchmarks); writes report.md:
+Tables 2/3/4/6 shaped like the paper's, GRPO-RM minus fine-tuning paired by seed with 95%
+confidence intervals, every setting of each dataset, Table 5; beside it Figure 3 (training
+curves: PNG, PDF, CSV) and Figure 2 (segmentation examples: PNG, PDF). A setting is every flag of
+a run's config but the seed and LOGISTICS, so a new flag sets runs apart with no change here.
+Runs of other settings never share a row, a bold or a paired difference; what differs between
+the runs of a table is printed under it; what is missing is listed with what it needs.
 
-    python3 tools/report.py RUNS_DIR
+    python3 tools/report.py RUNS_DIR [--class-names FILE]
 """
 import argparse
+import csv
 import glob
+import itertools
 import json
 import math
 import os
 import sys
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 
+import matplotlib
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+
+matplotlib.use("Agg")  # files only, never a window
+from matplotlib.figure import Figure  # noqa: E402  (after the backend)
+from matplotlib.patches import Patch  # noqa: E402
 
 METHODS = {"frozen": "DINOv2 (frozen)", "ce": "Fine-tuning", "grpo": "GRPO-RM"}
+# Flags that change nothing trained or evaluated (some only in older runs' configs).
+LOGISTICS = {"seed", "out", "name", "resume", "force", "workers", "log_every", "stop_after_epoch",
+             "compile", "dist_backend", "eval_memory_gb", "save_vis", "no_sdpa", "preload",
+             "bench", "bench_steps", "bench_warmup", "report"}
+PAPER_FORM = {"uniformity": "eq4", "clip_eps": 0.2, "dual_clip": None, "kl_coef": None,
+              "old_every": None}  # GRPO-RM's own flags, at the paper's values
+TRAINING = {"epochs", "lr", "subset", "augment", "background_penalty"}  # unused by frozen runs
+SEG_ONLY = {"seg_size", "feature_type", "ms_scales", "background_penalty"}  # unused by cls runs
+DATA_KEYS = {"task", "dataset", "data_dir"}  # what a dataset label names
 UNIFORMITY_NAMES = {"none": "set to 0", "eq5": "Eq. (5)", "eq4": "Eq. (4) (GRPO-RM)"}
 SEG_METRICS = ("pixel_acc", "iou", "miou")
 CLS_METRICS = ("sr", "knn")
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086)  # Student's t 0.975, df 1..20
-FIG2_COLUMNS = ("image", "truth", "frozen", "fine-tuning", "GRPO-RM")
+VOC_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+             "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
+             "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+CAMVID = {"Sky": (128, 128, 128), "Building": (128, 0, 0), "Pole": (192, 192, 128),
+          "Road": (128, 64, 128), "Pavement": (60, 40, 222), "Tree": (128, 128, 0),
+          "SignSymbol": (192, 128, 128), "Fence": (64, 64, 128), "Car": (64, 0, 128),
+          "Pedestrian": (64, 64, 0), "Bicyclist": (0, 128, 192)}  # SegNet's 11, their colours
+FIG2_NEEDS = ("vis.pt (grpo_rm.py --save-vis K) in a frozen, a fine-tuning and a GRPO-RM run "
+              "of one setting")
 
 
 class ReportError(Exception):
-    """Nothing to report on: the command line prints it as one `error:` line and exits 2."""
+    """Nothing to report on, or an unreadable file: one `error:` line, exit 2."""
 
 
-@dataclass(frozen=True, order=True)
-class Key:
-    """What makes runs one group: they differ by their seed only."""
+@dataclass
+class Group:
+    """Runs that differ by their seed only."""
     task: str
     data: str
     method: str
-    uniformity: str  # "" unless grpo
-    subset: float    # 1.0 for frozen runs: they post-train nothing
-    lr: float        # 0.0 for frozen runs
-    eval_lr: float
+    setting: dict  # the flags that set what is trained and evaluated (unset ones left out)
+    runs: dict = field(default_factory=dict)  # {seed: result}
 
 
 def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:  # a run killed while writing, a copy cut short
+        raise ReportError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column "
+                          f"{e.colno}): remove or rerun it") from None
 
 
 def fmt(v, spec=".2f"):
     return "—" if v is None else format(v, spec)
+
+
+def text(v):
+    """A flag's value as one writes it on the command line."""
+    if isinstance(v, (list, dict)):
+        return " ".join(map(text, v)) if isinstance(v, list) else json.dumps(v)
+    return "unset" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def flag(k, v):
+    if isinstance(v, bool):
+        return f"--{'' if v else 'no-'}{k.replace('_', '-')}"
+    return f"--{k.replace('_', '-')} {text(v)}"
 
 
 def data_label(cfg):
@@ -59,49 +101,86 @@ def data_label(cfg):
     return f"{cfg['dataset']}:{os.path.basename(os.path.normpath(cfg['data_dir']))}"
 
 
-def variant(c):
-    """What a GRPO-RM run adds to the paper's form (grpo_rm.py's flags beyond the paper)."""
-    v = f" + dual-clip {c['dual_clip']:g}" if c.get("dual_clip") else ""
-    v += f" + KL {c['kl_coef']:g}" if c.get("kl_coef") else ""
-    return v + (f" + θ_old every {c['old_every']} steps" if c.get("old_every") else "")
+def ignored(method, task):
+    """The flags a method's runs (of a task) record but never use."""
+    return LOGISTICS | (set() if method == "grpo" else set(PAPER_FORM)) | (
+        TRAINING if method == "frozen" else set()) | (SEG_ONLY if task == "cls" else set())
 
 
 def load_groups(root):
-    """RUNS_DIR/*/result.json -> {Key: {seed: result}}; each result also records its folder."""
+    """RUNS_DIR/*/result.json -> [Group]; each result also records its folder."""
     groups = {}
     for f in sorted(glob.glob(os.path.join(root, "*", "result.json"))):
         r = read_json(f)
-        r["dir"] = os.path.dirname(f)
-        c = r["config"]
-        frozen = c["method"] == "frozen"
-        key = Key(c["task"], data_label(c), c["method"],
-                  c["uniformity"] + variant(c) if c["method"] == "grpo" else "",
-                  1.0 if frozen else c["subset"], 0.0 if frozen else c["lr"], c["eval_lr"])
-        groups.setdefault(key, {})[c["seed"]] = r
-    return groups
+        if not isinstance(r, dict) or not {"config", "metrics"} <= r.keys():
+            raise ReportError(f"{f}: no \"config\" and \"metrics\": not a grpo_rm.py result")
+        r["dir"], c = os.path.dirname(f), r["config"]
+        skip = ignored(c["method"], c["task"])
+        s = {k: v for k, v in c.items() if k not in skip and v is not None}
+        key = (c["task"], data_label(c), c["method"], json.dumps(s, sort_keys=True))
+        groups.setdefault(key, Group(*key[:3], s)).runs[c["seed"]] = r
+    return list(groups.values())
 
 
-def values(runs, metric, ft=None):
-    """{seed: value} of a metric (ft: the segmentation feature type)."""
-    return {s: (r["metrics"][ft] if ft else r["metrics"])[metric] for s, r in runs.items()
-            if ft is None or ft in r["metrics"]}
+def departures(g):
+    """GRPO-RM's own flags where a group departs from the paper's form: ' --dual-clip 3'."""
+    return "".join(f" {flag(k, g.setting.get(k))}" for k, v in PAPER_FORM.items()
+                   if g.method == "grpo" and g.setting.get(k, v) != v)  # unset: older runs
 
 
-def main_key(groups, task, data, method, uniformity="eq4", subset=None):
-    """The group a paper-shaped table shows for this method: of its settings (any subset if None),
-    the one with the most seeds; ties go to the larger subset, then the larger lr."""
-    keys = [k for k in groups if (k.task, k.data, k.method) == (task, data, method)
-            and k.uniformity == (uniformity if method == "grpo" else "")
-            and (subset is None or k.subset == subset or method == "frozen")]
-    if method == "frozen":  # evaluated as the fine-tuned backbones were: with their eval lr
-        ce = main_key(groups, task, data, "ce")
-        keys = [k for k in keys if ce is None or k.eval_lr == ce.eval_lr] or keys
-    return max(keys, key=lambda k: (len(groups[k]), k.subset, k.lr, k.eval_lr), default=None)
+def name(g):
+    """A row's method: with its departures from the paper's form and its share of the data."""
+    s = g.setting.get("subset", 1)
+    return METHODS[g.method] + departures(g) + (f" ({100 * s:g}%)" if s < 1 else "")
 
 
-def main_runs(groups, *key, **kw):
-    k = main_key(groups, *key, **kw)
-    return groups[k] if k else {}
+def comparable(a, b):
+    """Whether two groups differ in their method (GRPO-RM's own flags included) only."""
+    skip = ignored(a.method, a.task) | ignored(b.method, b.task) | {"method", *PAPER_FORM}
+    return all(a.setting.get(k) == b.setting.get(k) for k in {*a.setting, *b.setting} - skip)
+
+
+def varying(gs):
+    """The flags beyond the method's own whose values differ between the groups gs."""
+    keys = {k for g in gs for k in g.setting} - {"method", *PAPER_FORM}
+    return sorted(k for k in keys if len({text(g.setting.get(k)) for g in gs
+                                          if k not in ignored(g.method, g.task)}) > 1)
+
+
+def candidates(groups, task, data, method, forms=("",), **only):
+    """The groups of a dataset and method whose departures() are in forms and whose flags
+    match `only` (a flag a group does not use matches)."""
+    return sorted((g for g in groups if (g.task, g.data, g.method) == (task, data, method)
+                   and departures(g) in forms
+                   and all(g.setting.get(k, v) == v for k, v in only.items())),
+                  key=lambda g: json.dumps(g.setting, sort_keys=True))
+
+
+def pick(cands):
+    """One group (or None) per row from the lists cands: rows comparable with each other where
+    they can be, then the most seeds, then the largest subset and lr (the paper's lr tops the
+    sweeps here)."""
+    def score(combo):
+        gs = [g for g in combo if g]
+        return (all(itertools.starmap(comparable, itertools.combinations(gs, 2))),
+                sum(len(g.runs) for g in gs), sum(g.setting.get("subset", 0) for g in gs),
+                sum(g.setting.get("lr", 0) for g in gs))
+    return max(itertools.product(*[c or [None] for c in cands]), key=score)
+
+
+def values(g, metric, ft=None):
+    """{seed: value} of a metric (ft: the segmentation feature type); {} for no group."""
+    runs = g.runs.items() if g else ()
+    ms = {s: r["metrics"].get(ft, {}) if ft else r["metrics"] for s, r in runs}
+    return {s: m[metric] for s, m in ms.items() if metric in m}
+
+
+def metric_columns(task, groups):
+    """(metric, feature type) per column: a segmentation dataset's for each feature type run."""
+    fts = [ft for ft in ("linear", "ms") if any(ft in r["metrics"] for g in groups
+                                                for r in g.runs.values())]
+    return [(x, ft) for ft in fts for x in SEG_METRICS] if task == "seg" else [
+        (x, None) for x in CLS_METRICS]
 
 
 # -----------------------------------------------------------------------------
@@ -112,75 +191,111 @@ def cell(vals, best=False):
     if not vals:
         return "—"
     v = list(vals.values())
-    text = f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
-    return f"**{text}**" if best else text
+    s = f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+    return f"**{s}**" if best else s
 
 
-def table(title, header, rows, plain=0):
-    """rows: [(first cells, [{seed: value} per metric column])]. Within each block of rows that
-    share the first cell, the best mean of each column is bold (not in the last `plain` ones)."""
+def differences(rows, shown=()):
+    """What differs between a table's runs beyond each row's method. rows: [(block, label of a
+    row without runs, group or None)]; flags in `shown` (told by the block's label) count
+    within a block only.
+    -> (lines for under the table, the blocks whose own rows differ: they are not compared)."""
+    rows = list({(b, n, id(g)): (b, n, g) for b, n, g in rows}.values())
+    gs = [g for _, _, g in rows if g]
+    per, mixed = {b: [] for b, _, _ in rows}, set()
+    for k in varying(gs):
+        for b in per:
+            vals = {}
+            for _, _, g in (r for r in rows if r[0] == b and r[2]):
+                if k not in ignored(g.method, g.task):
+                    vals.setdefault(flag(k, g.setting.get(k)), []).append(name(g))
+            if len(vals) > 1:
+                mixed.add(b)
+                per[b].append(" vs ".join(f"{v} ({', '.join(ns)})" for v, ns in vals.items()))
+            elif vals and k not in shown:
+                per[b].append(next(iter(vals)))
+    lines = [f"- {b}: {'; '.join(v)}" + (": not compared, no bold" if b in mixed else "")
+             for b, v in per.items() if v]
+    lines = ["Flags that differ between the runs of this table:", "", *lines, ""] if lines else []
+    none = [f"{b}: {n}" for b, n, g in rows if g is None]
+    return lines + ([f"No runs of this setting: {'; '.join(none)}.", ""] if none else []), mixed
+
+
+def table(title, header, rows, plain=0, shown=()):
+    """A markdown table. rows: [(block, cells, group or None, [{seed: value} per metric])]; the
+    best mean of a column is bold among the rows that share block and first cell, unless the
+    block's runs differ beyond their method (not in the last `plain` columns)."""
+    notes, mixed = differences([(b, c[1], g) for b, c, g, _ in rows], shown)
     out = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    blocks = list(dict.fromkeys(first[0] for first, _ in rows))
-    for block in blocks:
-        mine = [(first, vals) for first, vals in rows if first[0] == block]
-        means = np.array([[np.mean(list(v.values())) if v else -np.inf for v in vals]
-                          for _, vals in mine])  # (rows, columns)
-        for (first, vals), m in zip(mine, means):
-            # bold needs a rival: another row of the block with a value in that column
-            best = [len(mine) > 1 and np.isfinite(x) and x == means[:, j].max()
-                    and (means[:, j] > -np.inf).sum() > 1 and j < len(m) - plain
-                    for j, x in enumerate(m)]
-            cells = [*first, *(cell(v, b) for v, b in zip(vals, best))]
-            out.append("| " + " | ".join(cells) + " |")
-    return out + [""]
+    for block in dict.fromkeys((b, c[0]) for b, c, _, _ in rows):
+        mine = [r for r in rows if (r[0], r[1][0]) == block]
+        means = np.array([[np.mean(list(v.values())) if v else -np.inf for v in r[3]]
+                          for r in mine])  # (rows, columns)
+        rivals = (means > -np.inf).sum(0) > 1  # bold needs another row with a value
+        for (_, cells, _, vals), m in zip(mine, means):
+            best = [block[0] not in mixed and rivals[j] and j < len(m) - plain
+                    and x == means[:, j].max() for j, x in enumerate(m)]
+            out.append("| " + " | ".join([*cells, *map(cell, vals, best)]) + " |")
+    return out + [""] + notes
 
 
-def table3(groups):
-    rows = [((d, name), [values(main_runs(groups, "cls", d, m), x) for x in CLS_METRICS])
-            for d in sorted({k.data for k in groups if k.task == "cls"})
-            for m, name in METHODS.items()]
+def datasets(groups, task=None):
+    return sorted({(g.task, g.data) for g in groups if task in (None, g.task)})
+
+
+def table3(groups, missing):
+    rows = [(d, [d, name(g) if g else METHODS[m]], g, [values(g, x) for x in CLS_METRICS])
+            for _, d in datasets(groups, "cls")
+            for m, g in zip(METHODS, pick([candidates(groups, "cls", d, m) for m in METHODS]))]
     if not rows:
+        missing.append("Table 3 (classification): runs of a classification dataset")
         return []
     return table("Table 3: classification, top-1 % (SR = softmax regression)",
-                 ["Dataset", "Method", "SR", "kNN"], rows)
+                 ["Dataset", "Method", "SR", "kNN"], rows, shown=DATA_KEYS)
 
 
-def tables2and4(groups):
-    """Table 2 (all the data) and Table 4 (the subsets) together: one table per dataset."""
+def tables2and4(groups, missing):
+    """Table 2 (all the data) and Table 4 (subsets) together: a table per dataset, a block per
+    share of the data post-trained on (the frozen row in each) and feature type."""
     out = []
-    for d in sorted({k.data for k in groups if k.task == "seg"}):
-        subsets = sorted({k.subset for k in groups if k.data == d and k.method != "frozen"})
-        results = [r for k, g in groups.items() if k.data == d for r in g.values()]
-        fts = [ft for ft in ("linear", "ms") if any(ft in r["metrics"] for r in results)]
+    for _, d in datasets(groups, "seg"):
+        mine = [g for g in groups if g.data == d]
         rows = []
-        for ft in fts:
-            for m, name in METHODS.items():
-                for s in [1.0] if m == "frozen" else subsets:
-                    runs = main_runs(groups, "seg", d, m, subset=s)
-                    rows.append(((ft, name + (f" ({100 * s:g}%)" if s < 1 else "")),
-                                 [values(runs, x, ft) for x in SEG_METRICS]))
+        for s in sorted({g.setting["subset"] for g in mine if g.method != "frozen"} or {1.0},
+                        reverse=True):
+            picked = pick([candidates(groups, "seg", d, m, subset=s) for m in METHODS])
+            for _, ft in metric_columns("seg", mine)[::len(SEG_METRICS)]:
+                rows += [(f"{100 * s:g}% of the data", [ft, name(g) if g else METHODS[m]], g,
+                          [values(g, x, ft) for x in SEG_METRICS])
+                         for m, g in zip(METHODS, picked)]
         out += table(f"Tables 2/4: segmentation on {d}, % (IoU: frequency-weighted)",
-                     ["Feature type", "Method", "Pixel Acc", "IoU", "mIoU"], rows)
+                     ["Feature type", "Method", "Pixel Acc", "IoU", "mIoU"], rows,
+                     shown=DATA_KEYS | {"subset"})
+    if not out:
+        missing.append("Tables 2/4 (segmentation): runs of a segmentation dataset")
     return out
 
 
-def table6(groups):
+def table6(groups, missing):
     rows = []
-    for t, d in sorted({(k.task, k.data) for k in groups if k.uniformity in ("eq5", "none")}):
-        for u, name in UNIFORMITY_NAMES.items():
-            runs = main_runs(groups, t, d, "grpo", u)
-            if t == "cls":
-                accuracy = values(runs, "sr")
-            else:
-                accuracy = values(runs, "pixel_acc", "linear")
-            seconds = {s: float(np.mean(r["sec_per_epoch"])) for s, r in runs.items()
-                       if r["sec_per_epoch"]}
-            rows.append(((d, name), [accuracy, seconds]))
+    for t, d in datasets(groups):
+        forms = [f" --uniformity {u}" if u != "eq4" else "" for u in UNIFORMITY_NAMES]
+        if not any(candidates(groups, t, d, "grpo", forms[:2])):
+            continue
+        picked = pick([candidates(groups, t, d, "grpo", (f,)) for f in forms])
+        x, ft = ("sr", None) if t == "cls" else ("pixel_acc", "linear")
+        for u, g in zip(UNIFORMITY_NAMES.values(), picked):
+            secs = {s: float(np.mean(r["sec_per_epoch"])) for s, r in (g.runs if g else {}).items()
+                    if r.get("sec_per_epoch")}
+            rows.append((d, [d, u], g, [values(g, x, ft), secs]))
     if not rows:
+        missing.append("Table 6 (uniformity reward): GRPO-RM runs with --uniformity none and "
+                       "eq5 beside the paper's eq4, on one dataset")
         return []
     title = "Table 6: uniformity reward (SR % for cls, linear pixel acc % for seg; s/epoch)"
     # s/epoch is not bold: the fastest is no winner
-    return table(title, ["Dataset", "Uniformity reward", "Accuracy", "s/epoch"], rows, plain=1)
+    return table(title, ["Dataset", "Uniformity reward", "Accuracy", "s/epoch"], rows, plain=1,
+                 shown=DATA_KEYS)
 
 
 def paired_ci(a, b):
@@ -194,112 +309,68 @@ def paired_ci(a, b):
     return d.mean(), d.mean() - half, d.mean() + half, len(d)
 
 
-def comparisons(groups, t, d, lead):
-    """The (name, grpo key, ce key) pairs to compare on one dataset: every (subset, lr) both ran,
-    and, where an lr sweep exists, each method at its own best lr (by the metric `lead`)."""
-    ce = {(k.subset, k.lr): k for k in groups if (k.task, k.data, k.method) == (t, d, "ce")}
-    gr = {(k.subset, k.lr): k for k in groups
-          if (k.task, k.data, k.method, k.uniformity) == (t, d, "grpo", "eq4")}
-    pairs = []
-    for s, lr in sorted(set(ce) & set(gr), reverse=True):
-        name = f"lr {lr:g}" + (f", {100 * s:g}% of the data" if s < 1 else "")
-        pairs.append((name, gr[s, lr], ce[s, lr]))
-    for s in {s for s, _ in ce} & {s for s, _ in gr}:
-        if sum(k.subset == s for k in (*ce.values(), *gr.values())) <= 2:
-            continue  # one lr each: nothing to choose
-
-        def mean_lead(k):
-            return np.mean(list(values(groups[k], *lead).values()) or [-1])
-        best = [max((k for k in ks.values() if k.subset == s), key=mean_lead) for ks in (gr, ce)]
-        pairs.append((f"best lr: {best[0].lr:g} vs {best[1].lr:g}", *best))
-    return pairs
-
-
-def paired_table(groups):
-    """GRPO-RM minus fine-tuning per dataset, paired by seed (same seed: same subset, same head
-    initialisation), with 95% confidence intervals."""
-    out = ["### GRPO-RM − fine-tuning, paired by seed: mean [95% CI] (n seeds)", "",
-           "| Dataset | Setting | Metric | GRPO-RM − FT |", "|---|---|---|---|"]
-    for t, d in sorted({(k.task, k.data) for k in groups}):
-        if t == "cls":
-            metrics = [(x, None) for x in CLS_METRICS]
-            lead = ("sr", None)
-        else:
-            metrics = [(x, ft) for ft in ("linear", "ms") for x in SEG_METRICS]
-            lead = ("miou", "linear")
-        for name, kg, kc in comparisons(groups, t, d, lead):
-            for x, ft in metrics:
-                ci = paired_ci(values(groups[kg], x, ft), values(groups[kc], x, ft))
+def paired_table(groups, missing):
+    """Each GRPO-RM form minus fine-tuning of the same setting, paired by seed (same seed: same
+    subset, same head initialisation), with 95% confidence intervals."""
+    out, pairs, shown = [], [], set(DATA_KEYS)
+    for t, d in datasets(groups):
+        mine = [g for g in groups if g.data == d]
+        keys = varying(mine)
+        shown |= set(keys)  # in the Setting column
+        for g, c in itertools.product(candidates(mine, t, d, "grpo", {departures(g) for g in mine}),
+                                      candidates(mine, t, d, "ce")):
+            where = ", ".join(flag(k, c.setting.get(k)) for k in keys
+                              if k not in ignored("ce", t)) or "—"
+            for x, ft in metric_columns(t, mine) if comparable(g, c) else ():
+                ci = paired_ci(values(g, x, ft), values(c, x, ft))
                 if ci:
-                    metric = f"{ft} {x}" if ft else x
-                    out.append(f"| {d} | {name} | {metric} | {ci[0]:+.2f} "
-                               f"[{ci[1]:+.2f}, {ci[2]:+.2f}] ({ci[3]}) |")
-    return out + [""] if len(out) > 4 else []
+                    out.append(f"| {d} | {name(g)} | {where} | {ft + ' ' if ft else ''}{x} | "
+                               f"{ci[0]:+.2f} [{ci[1]:+.2f}, {ci[2]:+.2f}] ({ci[3]}) |")
+                    pairs += [(f"{d}, {where}", name(g), g), (f"{d}, {where}", name(c), c)]
+    if not out:
+        missing.append("GRPO-RM − fine-tuning paired by seed: GRPO-RM and fine-tuning runs of "
+                       "one setting with two or more seeds in common")
+        return []
+    return ["### GRPO-RM − fine-tuning of the same setting, paired by seed: mean [95% CI] (n)", "",
+            "| Dataset | GRPO-RM | Setting | Metric | GRPO-RM − FT |", "|---|---|---|---|---|",
+            *out, "", *differences(pairs, shown)[0]]
 
 
-def stable_table(groups):
-    """Beyond the paper: each GRPO-RM variant beside the paper's form and fine-tuning, the
-    difference to fine-tuning paired by seed, and the largest |ρ - 1| of every run."""
+def settings_tables(groups):
+    """Every group of each dataset, the flags that differ between them as columns, and the
+    largest |ρ - 1| of each GRPO-RM run."""
     out = []
-    for t, d in sorted({(k.task, k.data) for k in groups if " + " in k.uniformity}):
-        ms = [(x, None) for x in CLS_METRICS] if t == "cls" else [("miou", "linear")]
-        kc = main_key(groups, t, d, "ce")
-        keys = [k for k in (kc, main_key(groups, t, d, "grpo")) if k]
-        keys += sorted(k for k in groups if (k.task, k.data) == (t, d) and " + " in k.uniformity)
-        out += [f"### Beyond the paper on {d}: GRPO-RM's variants (lr {keys[-1].lr:g})", "",
-                "| Method | seeds | " + " | ".join(x for x, _ in ms) + " | "
-                + " | ".join(f"{x} − fine-tuning [95% CI]" for x, _ in ms)
-                + " | max \\|ρ − 1\\| per run |", "|---" * (3 + 2 * len(ms)) + "|"]
-        for k in keys:
-            runs = groups[k]
-            name = METHODS[k.method] + k.uniformity.replace("eq4", "", 1)
-            cells = [cell(values(runs, x, ft)) for x, ft in ms]
-            for x, ft in ms:
-                ci = paired_ci(values(runs, x, ft), values(groups[kc], x, ft)) if kc else None
-                cells.append(f"{ci[0]:+.2f} [{ci[1]:+.2f}, {ci[2]:+.2f}]" if ci else "—")
-            dev = [max(r["series"]["ratio_dev_max"]) for r in runs.values()
-                   if r.get("series", {}).get("ratio_dev_max")]
-            cells.append(", ".join(f"{v:.3g}" for v in dev) or "—")
-            out.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
-        out.append("")
-    return out
-
-
-def settings_table(groups):
-    """Every setting of each dataset that has more than one (an lr sweep, other eval lrs)."""
-    out = []
-    for t, d in sorted({(k.task, k.data) for k in groups}):
-        keys = sorted((k for k in groups if (k.task, k.data) == (t, d)), key=lambda k: (
-            list(METHODS).index(k.method), k.uniformity, k.subset, -k.lr, -k.eval_lr))
-        if len(keys) <= len({(k.method, k.uniformity, k.subset) for k in keys}):
-            continue
-        if t == "cls":
-            ms = [(x, None) for x in CLS_METRICS]
-        else:  # the linear features' metrics
-            ms = [(x, "linear") for x in SEG_METRICS]
+    for t, d in datasets(groups):
+        mine = sorted((g for g in groups if g.data == d), key=lambda g: (
+            list(METHODS).index(g.method), departures(g), json.dumps(g.setting, sort_keys=True)))
+        keys, ms = varying(mine), metric_columns(t, mine)
         rows = []
-        for k in keys:
-            name = METHODS[k.method]
-            name += f" {k.uniformity}" if k.uniformity not in ("", "eq4") else ""
-            name += f" ({100 * k.subset:g}%)" if k.subset < 1 else ""
-            lr = "—" if k.method == "frozen" else f"{k.lr:g}"
-            rows.append(((name, lr, f"{k.eval_lr:g}"), [values(groups[k], x, ft) for x, ft in ms]))
-        out += table(f"Every setting on {d}" + (" (linear features)" if t == "seg" else ""),
-                     ["Method", "lr", "eval lr", *(x for x, _ in ms)], rows)
+        for i, g in enumerate(mine):
+            dev = [max(r["series"]["ratio_dev_max"]) for r in g.runs.values()
+                   if r.get("series", {}).get("ratio_dev_max")]
+            flags = [text(g.setting.get(k)) if k not in ignored(g.method, t) else "—"
+                     for k in keys]
+            rows.append((i, [METHODS[g.method] + departures(g), *flags, str(len(g.runs)),
+                             ", ".join(f"{v:.3g}" for v in dev) or "—"], g,
+                         [values(g, x, ft) for x, ft in ms]))
+        header = ["Method", *(flag(k, "").strip() for k in keys), "seeds",
+                  "max \\|ρ − 1\\| per run", *(f"{ft} {x}" if ft else x for x, ft in ms)]
+        out += table(f"Every setting on {d}", header, rows, shown=set(keys) | DATA_KEYS)
     return out
 
 
-def bench_table(benches):
+def bench_table(benches, missing):
     """Table 5 from --bench results, in the paper's units (forward MACs of the linear layers per
     batch; seconds per epoch of its training set; memory summed over GPUs) and in ours."""
+    if not benches:
+        missing.append("Table 5 (cost): tools/bench.py results (bench-*.json)")
+        return []
     out = ["### Table 5: cost of a training step, fine-tuning vs GRPO-RM (--bench, synthetic data)",
            "", "| Dataset | Model | Setting | Device | Method | fwd GMAC/batch | s/epoch | "
            "GB summed | ms/step | GFLOP/step | GB/process | grpo/ce time | grpo/ce memory |",
            "|" + "---|" * 13]
     for b in benches:
-        c = b["config"]
-        ce = b["methods"]["ce"]
-        g = b["methods"]["grpo"]
+        c, ce, g = b["config"], b["methods"]["ce"], b["methods"]["grpo"]
         kw = {k: v for k, v in c.get("hub_kwargs", {}).items() if k != "pretrained"}
         model = c["model"] + (f" ({', '.join(f'{k} {v}' for k, v in kw.items())})" if kw else "")
         setting = (f"{c['img_size']} px, batch {c['batch_size']}, {c['dtype']}"
@@ -319,331 +390,270 @@ def bench_table(benches):
 # -----------------------------------------------------------------------------
 # Figures
 
-BLUE = (31, 119, 180)
-RED = (214, 39, 40)
-CUT = (255, 127, 14)    # the marks of cut steps: not the curve's colour
-GRID = (222, 226, 234)  # blue-grey: black or coloured text's antialiasing never makes it
-FIG2_TOP = 76           # Figure 2: two title lines, then the column titles, then the grid
+FAMILIES = ("Blues", "Reds", "Greens", "Purples", "Oranges", "RdPu", "YlOrBr", "Greys")
+F32_MAX = float(np.finfo(np.float32).max)  # where an overflowed ρ (inf) is drawn
+PANELS = (  # Figure 3: (series, method, title, y label, y scale)
+    ("loss", "ce", "Fine-tuning: cross-entropy", "loss", "linear"),
+    ("loss", "grpo", "GRPO-RM: −J", "−J", "symlog"),
+    ("clip_frac", "grpo", "GRPO-RM: clipped share of the (sample, class) terms", "fraction",
+     "linear"),
+    ("approx_kl", "grpo", "GRPO-RM: KL(θ_old ‖ θ) (log scale, 0 not drawn)", "KL (nats)", "log"),
+    ("ratio_dev_max", "grpo", "GRPO-RM: max |ρ − 1| (log scale, 0 not drawn)", "max |ρ − 1|",
+     "log"))
 
 
-def font(size):
-    try:
-        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType
-    except TypeError:
-        return ImageFont.load_default()
+def colour(families, method, shade):
+    """One colour family per method (each GRPO-RM variant its own) in all figures of a report;
+    within it a shade, then a line style, per setting: the darkest for the main one."""
+    free = [f for f in FAMILIES if f not in families.values()] or FAMILIES
+    cmap = matplotlib.colormaps[families.setdefault(method, free[0])]
+    return cmap((0.8, 0.55, 0.35)[shade % 3]), ("-", "--", ":", "-.")[shade // 3 % 4]
 
 
-def put_text(d, xy, s, f, anchor="lt", fill="black"):
-    """Text anchored l/m/r horizontally and t/m/b vertically (works with any PIL font)."""
-    l, t, r, b = d.textbbox((0, 0), s, font=f)
-    x = xy[0] - {"l": 0, "m": (r - l) / 2, "r": r - l}[anchor[0]] - l
-    y = xy[1] - {"t": 0, "m": (b - t) / 2, "b": b - t}[anchor[1]] - t
-    d.text((x, y), s, font=f, fill=fill)
+def save(fig, root, stem):
+    """fig as PNG and PDF -> the file names."""
+    names = [f"{stem}.png", f"{stem}.pdf"]
+    for n in names:
+        fig.savefig(os.path.join(root, n), dpi=110)
+    return names
 
 
-def save_png(img, path, title, texts):
-    """Saves img with its title and its other words (panel titles, legends, key) as PNG text
-    chunks: what the figure says stays readable without reading its pixels."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("Title", title)
-    info.add_text("Description", "\n".join(texts))
-    img.save(path, pnginfo=info)
+def slug(d):
+    return "".join(ch if ch.isalnum() else "_" for ch in d)
 
 
-def setting(d, lrs, seeds):
-    """What a figure shows, for its title: (the dataset and its folder, the lr of each method in
-    lrs {name: lr} and the words on seeds)."""
-    name = "{} ({})".format(*d.split(":", 1)) if ":" in d else d
-    return name, ", ".join([*(f"{m} lr {v:g}" for m, v in lrs.items()), seeds])
+def epochs(g, key):
+    """A per-step series of a group's seeds as (median, min, max) over them per epoch of each
+    seed's epoch mean (of max |ρ − 1|: its max), or None if no seed has it. A seed's epochs
+    after its end are left out; a ρ past float32 (inf) stays inf."""
+    ss = []
+    for r in g.runs.values():
+        s, n = np.array(r.get("series", {}).get(key, []), float), len(r.get("train_loss", []))
+        if len(s) >= n > 0:
+            s = s[:len(s) // n * n].reshape(n, -1)  # (epochs, steps)
+            ss.append(s.max(1) if key == "ratio_dev_max" else s.mean(1))
+    a = np.full((len(ss), max(map(len, ss), default=0)), np.nan)  # (seeds, epochs)
+    for i, s in enumerate(ss):
+        a[i, :len(s)] = s
+    with warnings.catch_warnings():  # an epoch no run reached stays NaN, as it should
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return (np.nanmedian(a, 0), np.nanmin(a, 0), np.nanmax(a, 0)) if ss else None
 
 
-def nice_ticks(lo, hi, n=5):
-    """About n round values (multiples of 1, 2 or 5 × 10^k) within [lo, hi]."""
-    raw = (hi - lo) / n if hi > lo else 1.0
-    step = 10 ** math.floor(math.log10(raw))
-    step *= next(m for m in (1, 2, 5, 10) if m * step >= raw)
-    ks = range(math.ceil(lo / step), math.floor(hi / step) + 1)
-    return [float(f"{k * step:.12g}") for k in ks]  # k·step, without accumulated rounding
+def curves(groups, t, d):
+    """Figure 3's groups of a dataset: [(method, label, group, shade)], the main setting's
+    first; label: the flags where the group's setting is its own, and its seeds."""
+    mine = [g for g in groups if g.data == d and g.method != "frozen" and epochs(g, "loss")
+            is not None]
+    main = [g for g in pick([candidates(mine, t, d, m) for m in ("ce", "grpo")]) if g]
+    keys, out = varying(mine), []
 
-
-def plot_layer(size, X, Y, lines, xgrid, cut):
-    """The inside of a plotting box as its own image, so nothing drawn there leaves the box:
-    grid lines, curves, and a triangle at the top edge for each cut step."""
-    layer = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(layer)
-    for g in xgrid:
-        d.line([(X(g), 0), (X(g), size[1])], fill=GRID)
-    for x, y, colour in lines:
-        ok = np.flatnonzero(np.isfinite(y))
-        for run in np.split(ok, np.flatnonzero(np.diff(ok) > 1) + 1):  # a NaN (cut step): a gap
-            d.line([(X(x[k]), Y(y[k])) for k in run] * (1 + (len(run) == 1)), fill=colour)
-    for a in cut[0] if cut else ():
-        d.polygon([(X(a) - 4, 9), (X(a) + 4, 9), (X(a), 1)], fill=CUT)
-    return layer
-
-
-def chart(img, box, title, xlabel, ylabel, lines, xgrid=(), cut=None):
-    """A line chart whose plotting box is box: tick values, vertical grid lines at xgrid, one
-    curve per (xs, ys, colour) (NaN: a gap), cut = (xs, legend label): marks at the top edge."""
-    d = ImageDraw.Draw(img)
-    f = font(13)
-    x0, y0, x1, y1 = box
-    xs = np.concatenate([v[0] for v in lines])
-    ys = np.concatenate([v[1] for v in lines])
-    ys = ys[np.isfinite(ys)] if np.isfinite(ys).any() else np.zeros(1)  # every step cut: 0
-    xlo, xhi, ylo, yhi = xs.min(), xs.max(), ys.min(), ys.max()
-    pad = (yhi - ylo) * 0.05 or 0.5  # a flat line still gets a y range
-    ylo, yhi = ylo - pad, yhi + pad
-    xhi = xhi if xhi > xlo else xlo + 1
-
-    def X(v):  # in the box's own pixels
-        return (x1 - x0) * (v - xlo) / (xhi - xlo)
-
-    def Y(v):
-        return (y1 - y0) * (yhi - v) / (yhi - ylo)
-
-    img.paste(plot_layer((x1 - x0 + 1, y1 - y0 + 1), X, Y, lines, xgrid, cut), (x0, y0))
-    for t in nice_ticks(ylo, yhi):
-        d.line([(x0 - 4, y0 + Y(t)), (x0, y0 + Y(t))], fill="black")
-        put_text(d, (x0 - 7, y0 + Y(t)), f"{t:.4g}", f, "rm")
-    for t in nice_ticks(xlo, xhi, 8):
-        d.line([(x0 + X(t), y1), (x0 + X(t), y1 + 4)], fill="black")
-        put_text(d, (x0 + X(t), y1 + 7), f"{t:g}", f, "mt")
-    d.rectangle(box, outline="black")
-    put_text(d, ((x0 + x1) / 2, y0 - 24), title, font(15), "mb")
-    put_text(d, ((x0 + x1) / 2, y1 + 26), xlabel, f, "mt")
-    put_text(d, (x0 - 7, y0 - 6), ylabel, f, "rb")
-    if cut:  # the legend, above the box: it never covers the data
-        x = x1 - d.textbbox((0, 0), cut[1], font=f)[2] - 14
-        d.polygon([(x - 4, y0 - 5), (x + 4, y0 - 5), (x, y0 - 13)], fill=CUT)
-        put_text(d, (x1, y0 - 4), cut[1], f, "rb", CUT)
-
-
-def mean_series(runs, key):
-    """The per-step series `key` of every seed -> (seeds, steps), cut to the shortest."""
-    ss = [r["series"][key] for r in runs.values() if r.get("series", {}).get(key)]
-    n = min(map(len, ss), default=0)
-    return np.array([s[:n] for s in ss]) if n else None
-
-
-def cut_spikes(y):
-    """y for drawing, where a few steps (a ratio blow-up) would flatten the rest to a line: when
-    the max is beyond p90 + 10·(p90 − p10), values above p90 + (p90 − p10) are cut to it.
-    Returns the cut values and how many steps were cut (Figure 3 marks those at the top edge)."""
-    lo, hi = np.percentile(y, [10, 90])
-    top = hi + (hi - lo)
-    if y.max() <= hi + 10 * (hi - lo):
-        return y, 0
-    return np.minimum(y, top), int((y > top).sum())
-
-
-def panel_box(i):
-    """Figure 3's plotting box of panel i (2 × 2, row by row): (x0, y0, x1, y1) in pixels."""
-    x0, y0 = 90 + 850 * (i % 2), 100 + 380 * (i // 2)
-    return x0, y0, x0 + 730, y0 + 260
-
-
-def fig3_panels(ce, gr, clip, per_epoch):
-    """Figure 3's panels as (title, y label, lines, x grid, cut) from (seeds, steps) series. The
-    steps cut_spikes cuts leave gaps in GRPO-RM's loss, cut = (their epochs, legend label)."""
-    def ep(a):  # (seeds, steps) -> the epoch at the end of each step
-        return (np.arange(a.shape[1]) + 1) / per_epoch
-
-    def cut_of(x, mask):
-        n = int(mask.sum())
-        return (x[mask], f"{n} step{'s' * (n != 1)} above the top edge, cut") if n else None
-    loss, x = gr.mean(0), ep(gr)
-    drawn, _ = cut_spikes(loss)  # the CSV keeps the values
-    cut = drawn < loss
-    shown = np.where(cut, np.nan, loss)
-    n3 = int(3 * per_epoch)  # the first three epochs, or fewer if the run has fewer
-    last = math.ceil(round(x[:n3][-1], 6))  # round: 100 steps / (100 / 3) is not quite 3
-    zoom = "epoch 1" if last == 1 else f"epochs 1-{last}"
-    grid = np.arange(0, x[-1] + 1, max(1, round(x[-1] / 25)))
-    first = [(ep(ce), ce.mean(0), BLUE)] if ce is not None else []
-    return [("Fine-tuning: cross-entropy per step", "loss", first, grid, None),
-            ("GRPO-RM: -J per step", "loss", [(x, shown, RED)], grid, cut_of(x, cut)),
-            (f"GRPO-RM: -J per step, {zoom}", "loss", [(x[:n3], shown[:n3], RED)],
-             np.arange(0, last + 1), cut_of(x[:n3], cut[:n3])),
-            ("GRPO-RM: clipped (sample, class) terms per step", "fraction",
-             [(ep(clip), clip.mean(0), RED)], grid, None)]
-
-
-def figure3(root, groups):
-    """Figure 3 from the per-step series: both methods' training loss and GRPO-RM's clip fraction
-    over the epochs (an epoch grid; GRPO-RM's loss restarts at 0 with every θ_old), CSV beside.
-    One figure for the paper's form and one for each variant beyond it; without fine-tuning runs
-    the first panel shows GRPO-RM's largest |ρ - 1| instead."""
-    out = []
-    for t, d in sorted({(k.task, k.data) for k in groups}):
-        kc = main_key(groups, t, d, "ce")
-        main = main_key(groups, t, d, "grpo")
-        extra = sorted(k for k in groups if (k.task, k.data) == (t, d) and " + " in k.uniformity)
-        for kg in [main, *extra] if main or extra else []:
-            if kg is not None:
-                out += figure3_one(root, groups, d, kc, kg)
+    def where(g):
+        return tuple(flag(k, g.setting.get(k)) for k in keys if k not in ignored(g.method, g.task))
+    shades = {where(g): 0 for g in main}
+    for g in sorted(mine, key=lambda g: (g not in main, g.method != "ce", departures(g))):
+        shade = shades.setdefault(where(g), len(shades))
+        method = METHODS[g.method] + departures(g)
+        seeds = f"{len(g.runs)} seed{'s' * (len(g.runs) > 1)}"
+        out.append((method, ", ".join([method, *where(g)]) + f" ({seeds})", g, shade))
     return out
 
 
-def figure3_one(root, groups, d, kc, kg):
-    ce = mean_series(groups[kc], "loss") if kc else None
-    gr = mean_series(groups[kg], "loss")
-    clip = mean_series(groups[kg], "clip_frac")
-    if gr is None or clip is None:
-        return []
-    per_epoch = len(gr[0]) / len(next(iter(groups[kg].values()))["train_loss"])
-    panels = fig3_panels(ce, gr, clip, per_epoch)
-    if ce is None:  # the blow-up's own measure, on a log scale (it spans 16 orders of magnitude)
-        dev = np.log10(np.maximum(mean_series(groups[kg], "ratio_dev_max").max(0), 1e-12))
-        x = (np.arange(len(dev)) + 1) / per_epoch
-        panels[0] = ("GRPO-RM: log10 of the largest |rho - 1| per step (max over seeds)", "log10",
-                     [(x, dev, RED)], panels[1][3], None)
-    runs = f"{len(gr)} seed{'s' * (len(gr) != 1)}"
-    seeds = f"mean of {runs}" if ce is None or len(ce) == len(gr) else (
-        f"mean of {len(ce)} (fine-tuning) and {len(gr)} (GRPO-RM) seeds")
-    lrs = {"GRPO-RM" + kg.uniformity.replace("eq4", "", 1): kg.lr}
-    lrs = {"fine-tuning": kc.lr, **lrs} if ce is not None else lrs
-    title = "Figure 3: " + ", ".join(setting(d, lrs, seeds))
-    img = Image.new("RGB", (1700, 800), "white")
-    put_text(ImageDraw.Draw(img), (850, 14), title, font(17), "mt")
-    for i, (name, ylabel, lines, grid, cut) in enumerate(panels):
-        chart(img, panel_box(i), name, "epoch", ylabel, lines, grid, cut)
-    extra = kg.uniformity.split(" + ", 1)[1] if " + " in kg.uniformity else ""
-    slug = "".join(ch if ch.isascii() and ch.isalnum() else "_" for ch in extra)  # a file name
-    name = d.replace(":", "_") + (f"_{slug}" if slug else "")
-    texts = [p[0] for p in panels] + [p[4][1] for p in panels if p[4]]
-    save_png(img, os.path.join(root, f"fig3_{name}.png"), title, texts)
-    if ce is None:
-        return [f"Figure 3 ({d}, GRPO-RM{kg.uniformity.replace('eq4', '', 1)}): fig3_{name}.png"]
-    epoch = np.arange(1, gr.shape[1] + 1) / per_epoch
-    write_curve_csv(os.path.join(root, f"fig3_{name}.csv"), epoch, ce, gr, clip)
-    return [f"Figure 3 ({d}): fig3_{name}.png, fig3_{name}.csv "
-            f"({len(groups[kc])} + {len(groups[kg])} seeds)"]
+def draw_panel(ax, panel, lines, families):
+    key, method, title, ylabel, scale = panel
+    ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    drawn, peak, top = [], 1e-6, 0.0
+    for m, label, g, shade in lines:
+        e = epochs(g, key) if g.method == method else None
+        if e is None:
+            continue
+        if np.isinf(e).any():  # a ρ past float32: drawn at float32's largest, said so
+            ax.set_title(f"{title}\n(inf, float32 overflow, drawn at {F32_MAX:.1e})")
+        med, lo, hi = np.minimum(e, F32_MAX)
+        x = np.arange(1, len(med) + 1)
+        colour_, style = colour(families, m, shade)
+        ax.fill_between(x, lo, hi, color=colour_, alpha=0.2, lw=0)
+        drawn += ax.plot(x, med, color=colour_, ls=style, lw=1.5, label=label)
+        peak = max(peak, np.nanpercentile(np.abs(med), 75))
+        top = max(top, np.nanmax(np.abs([lo, hi])))
+    if scale == "symlog" and top > 100 * peak:  # linear where most curves are, log beyond
+        ax.set_yscale("symlog", linthresh=10 ** math.ceil(math.log10(peak)), linscale=2)
+        ax.set_title(title + " (symmetric log scale)")
+    elif scale == "log":
+        ax.set_yscale("log")  # 0 (ρ = 1 throughout) is left out, as the title says
+    if not drawn:
+        ax.text(0.5, 0.5, f"no {METHODS[method]} runs", ha="center", transform=ax.transAxes)
+    return drawn
 
 
-def write_curve_csv(path, epoch, ce, gr, clip):
-    """Figure 3's numbers: per step, the mean and std over seeds."""
-    with open(path, "w") as f:
-        f.write("step,epoch,ce_loss_mean,ce_loss_std,grpo_loss_mean,grpo_loss_std,"
-                "grpo_clip_frac_mean\n")
-        for s in range(min(len(ce[0]), len(gr[0]))):
-            f.write(f"{s + 1},{epoch[s]:.4f},{ce[:, s].mean():.6f},{ce[:, s].std():.6f},"
-                    f"{gr[:, s].mean():.6f},{gr[:, s].std():.6f},{clip[:, s].mean():.6f}\n")
+def figure3(root, groups, missing):
+    """Figure 3 of each dataset: every fine-tuning and GRPO-RM setting (the paper's form, its
+    variants, other lrs), per epoch the median over seeds and a band from min to max: the
+    training loss, the clip fraction, KL(θ_old ‖ θ) and max |ρ − 1|; a CSV beside."""
+    out, families = [], {"Fine-tuning": "Blues", "GRPO-RM": "Reds"}
+    for t, d in datasets(groups):
+        lines = curves(groups, t, d)
+        if not lines:
+            missing.append(f"Figure 3 ({d}): fine-tuning or GRPO-RM runs with per-step series "
+                           "(\"series\" in result.json, written by grpo_rm.py)")
+            continue
+        fig = Figure(figsize=(16, 9), layout="constrained")
+        axes = fig.subplots(2, 3).ravel()
+        handles = {}
+        for ax, panel in zip(axes, PANELS):
+            handles |= {h.get_label(): h for h in draw_panel(ax, panel, lines, families)}
+        axes[-1].axis("off")
+        axes[-1].legend(handles.values(), handles.keys(), loc="center", fontsize=9,
+                        title="line: median over seeds\nband: min to max", title_fontsize=9)
+        fig.suptitle(f"Figure 3: {d}, training per epoch (each seed's epoch mean; "
+                     "of max |ρ − 1| its epoch max)")
+        stem = f"fig3_{slug(d)}"
+        files = save(fig, root, stem)
+        write_csv(os.path.join(root, stem + ".csv"), lines)
+        out.append(f"- Figure 3 ({d}): {', '.join(files)}, {stem}.csv (its numbers)")
+    if not groups:
+        missing.append("Figure 3 (training curves): fine-tuning or GRPO-RM runs")
+    return out
 
 
-def voc_palette():
-    """The Pascal VOC colour map: bit 3j + ch of the class index is bit 7 - j of channel ch."""
-    i = np.arange(256)[:, None]  # (256, 1)
+def write_csv(path, lines):
+    """Figure 3's numbers: a row per method and epoch, the median, min and max of each series."""
+    keys = [p[0] for p in PANELS[1:]]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "epoch", "seeds", *(f"{k}_{s}" for k in keys
+                                                  for s in ("median", "min", "max"))])
+        for _, label, g, _ in lines:
+            per = {k: e for k in keys if (e := epochs(g, k)) is not None}
+            for e in range(len(per["loss"][0])):
+                w.writerow([label.rsplit(" (", 1)[0], e + 1, len(g.runs), *(
+                    f"{per[k][i][e]:.6g}" if k in per else "" for k in keys for i in range(3))])
+
+
+def class_colours(cfg, names=None):
+    """(names, (256, 3) uint8 colours) of a segmentation dataset's classes. Index 255 is no
+    label: CamVid's void black; else VOC's void cream, as VOC's background is black."""
+    i = np.arange(256)[:, None]  # the VOC colour map: bit 3j + ch of i is bit 7 - j of ch
     pal = np.zeros((256, 3), np.int64)
     for j in range(8):
         pal |= ((i >> (3 * j + np.arange(3))) & 1) << (7 - j)
-    return pal.astype(np.uint8)
+    pal = pal.astype(np.uint8)
+    camvid = cfg.get("num_classes") == 11 and "camvid" in os.path.basename(
+        os.path.normpath(cfg["data_dir"])).lower()
+    if camvid:
+        pal[:11], pal[255] = list(CAMVID.values()), 0
+    known = list(CAMVID) if camvid else list(VOC_NAMES) if cfg["dataset"] == "voc" else []
+    return names or known, pal
 
 
-def colour_key(classes, width):
-    """Figure 2's key, a swatch and the index of each class (255: no label) in rows that fit
-    width -> (its image, its words)."""
-    f = font(13)
-    labels = [f"{c}" + " no label" * (c == 255) for c in classes]
-    per_row = max(1, (width - 110) // 56)  # 70 px for "classes:", 40 more: "255 no label"
-    img = Image.new("RGB", (width, 22 * math.ceil(len(classes) / per_row) + 6), "white")
-    d = ImageDraw.Draw(img)
-    put_text(d, (6, 12), "classes:", f, "lm")
-    for i, (c, label) in enumerate(zip(classes, labels)):
-        x, y = 70 + 56 * (i % per_row), 22 * (i // per_row)
-        # an outline: black and cream swatches stay visible on white
-        colour = tuple(int(v) for v in voc_palette()[c])
-        d.rectangle((x, y + 5, x + 14, y + 19), fill=colour, outline=(90, 90, 90))
-        put_text(d, (x + 20, y + 12), label, f, "lm")
-    return img, "classes: " + ", ".join(labels)
+def draw_fig2(title, columns, image, maps, index, names, pal):
+    """image (K, H, W, 3) uint8 and a (K, H, W) label map per further column, in pal's colours,
+    a row per test image; the key names every class shown."""
+    k, h, w = maps[0].shape
+    fig = Figure(figsize=(2.1 * len(columns), 2.1 * k * h / w + 1.8), layout="constrained")
+    axes = fig.subplots(k, len(columns), squeeze=False)
+    for i, row in enumerate(axes):
+        for j, ax in enumerate(row):  # nearest: a label map keeps its colours
+            ax.imshow(image[i] if j == 0 else pal[maps[j - 1][i]], interpolation="nearest")
+            ax.set(xticks=[], yticks=[])
+        row[0].set_ylabel(f"test image {index[i]}")
+    for ax, c in zip(axes[0], columns):
+        ax.set_title(c, fontsize=10)
+    shown = np.unique(np.concatenate([m.ravel() for m in maps]))
+    key = [Patch(facecolor=pal[c] / 255, edgecolor="0.3", label="unlabelled" if c == 255
+                 else names[c] if c < len(names) else f"class {c}") for c in shown]
+    fig.legend(handles=key, loc="outside lower center", ncol=min(len(key), 6), fontsize=9)
+    fig.suptitle(title)
+    return fig
 
 
-def vis_runs(groups, d):
-    """{method: the vis.pt (--save-vis) of its first seed on dataset d, or None}."""
-    import torch
-    out = {}
-    for m in METHODS:
-        k = main_key(groups, "seg", d, m)
-        path = os.path.join(groups[k][min(groups[k])]["dir"], "vis.pt") if k else ""
-        out[m] = torch.load(path, weights_only=True) if os.path.isfile(path) else None
-    return out
+def vis_files(g):
+    """{seed: path} of the vis.pt (grpo_rm.py --save-vis) that a group's runs wrote."""
+    paths = {s: os.path.join(r["dir"], "vis.pt") for s, r in sorted(g.runs.items())}
+    return {s: p for s, p in paths.items() if os.path.isfile(p)}
 
 
-def vis_tiles(vis, i, tile):
-    """Row i of Figure 2 as (3, tile, tile) uint8 tensors: the frozen run's image and truth, then
-    every method's prediction; label maps in the VOC palette, upsampled by nearest neighbour."""
-    from torchvision.transforms.functional import pil_to_tensor
-    pal = voc_palette()  # (256, 3)
-    maps = [vis["frozen"]["truth"][i]] + [vis[m]["pred"][i] for m in METHODS]  # (H, W) each
-    tiles = [vis["frozen"]["image"][i].permute(1, 2, 0).numpy()]  # (H, W, 3)
-    tiles += [pal[y.numpy()] for y in maps]  # (H, W, 3) each
-    # nearest: a label map must keep its colours
-    return [pil_to_tensor(Image.fromarray(t).resize((tile, tile), Image.NEAREST)) for t in tiles]
+def load_vis(path):
+    import torch  # only Figure 2 needs torch
+    try:
+        v = torch.load(path, weights_only=True)
+        return v | {"index": v.get("index", range(len(v["pred"])))}  # older: the first K
+    except Exception as e:  # a file cut short, or not a vis.pt
+        raise ReportError(f"{path}: not readable as a vis.pt ({type(e).__name__}: {e})") from None
 
 
-def fig2_title(groups, d):
-    """Figure 2's two title lines: the dataset; the lrs and the seed of each column's run."""
-    keys = {m: main_key(groups, "seg", d, m) for m in METHODS}
-    lrs = {name: keys[m].lr for m, name in (("ce", "fine-tuning"), ("grpo", "GRPO-RM")) if keys[m]}
-    first = [str(min(groups[k])) for k in keys.values() if k]
-    seeds = f"seed {first[0]}" if len(set(first)) == 1 else "seeds " + "/".join(first)
-    name, rest = setting(d, lrs, f"one seed per method, not averaged ({seeds})")
-    return "Figure 2: " + name, rest
+def fig2_runs(groups, d):
+    """Figure 2's material on dataset d: (frozen, fine-tuning and GRPO-RM groups of one setting,
+    their seeds, their vis.pt, the test images all show), or why there is none."""
+    cands = [candidates(groups, "seg", d, m) for m in METHODS]
+    picked = pick([[g for g in c if vis_files(g)] for c in cands])
+    if None in picked or not all(comparable(a, b) for a, b in zip(picked, picked[1:])):
+        have = ", ".join(f"{METHODS[m]} {sum(map(len, map(vis_files, c)))} of "
+                         f"{sum(len(g.runs) for g in c)}" for m, c in zip(METHODS, cands))
+        why = "" if None in picked else "; those with one differ in " + ", ".join(
+            flag(k, "").strip() for k in varying(picked))
+        return f"{FIG2_NEEDS}; runs here with vis.pt: {have}{why}"
+    files = [vis_files(g) for g in picked]
+    common = sorted(set.intersection(*map(set, files)))  # one seed for all, if there is one
+    seeds = [common[0]] * 3 if common else [min(f) for f in files]
+    vis = [load_vis(f[s]) for f, s in zip(files, seeds)]
+    index = sorted(set.intersection(*(set(map(int, v["index"])) for v in vis)))
+    if not index:
+        return f"{FIG2_NEEDS} that show the same test images (one --save-vis K)"
+    return picked, seeds, vis, index
 
 
-def figure2(root, groups, tile=160, pad=2):
-    """Figure 2: image | truth | frozen | fine-tuning | GRPO-RM, from the vis.pt (--save-vis) of
-    each method's first seed, tiles upsampled (nearest) to tile px, under column titles, over a
-    key of the classes they show."""
-    # torch and torchvision only for Figure 2: the tables and Figure 3 need numpy and PIL
-    from torchvision.transforms.functional import to_pil_image
-    from torchvision.utils import make_grid
+def figure2(root, groups, names, missing):
+    """Figure 2 of each segmentation dataset: image | truth | frozen | fine-tuning | GRPO-RM on
+    the test images every run's vis.pt shows, from one seed of each method's main setting."""
     out = []
-    for d in sorted({k.data for k in groups if k.task == "seg"}):
-        vis = vis_runs(groups, d)
-        if None in vis.values():
+    for _, d in datasets(groups, "seg"):
+        material = fig2_runs(groups, d)
+        if isinstance(material, str):
+            missing.append(f"Figure 2 ({d}): {material}")
             continue
-        n = min(len(v["image"]) for v in vis.values())
-        tiles = [t for i in range(n) for t in vis_tiles(vis, i, tile)]
-        grid = to_pil_image(make_grid(tiles, nrow=len(FIG2_COLUMNS), padding=pad, pad_value=255))
-        shown = [vis["frozen"]["truth"][:n]] + [v["pred"][:n] for v in vis.values()]
-        classes = sorted(set().union(*(y.unique().tolist() for y in shown)))
-        key, key_text = colour_key(classes, grid.width)
-        img = Image.new("RGB", (grid.width, FIG2_TOP + grid.height + 8 + key.height), "white")
-        img.paste(grid, (0, FIG2_TOP))
-        img.paste(key, (0, FIG2_TOP + grid.height + 8))
-        draw = ImageDraw.Draw(img)
-        title = fig2_title(groups, d)
-        for i, line in enumerate(title):
-            put_text(draw, (grid.width / 2, 4 + 22 * i), line, font(15), "mt")
-        for j, column in enumerate(FIG2_COLUMNS):
-            put_text(draw, (pad + (tile + pad) * j + tile / 2, FIG2_TOP - 14), column, font(15),
-                     "mm")
-        name = f"fig2_{d.replace(':', '_')}.png"
-        save_png(img, os.path.join(root, name), "\n".join(title), [*FIG2_COLUMNS, key_text])
-        out.append(f"Figure 2 ({d}): {name} ({' | '.join(FIG2_COLUMNS)})")
+        picked, seeds, vis, index = material
+        rows = [[list(map(int, v["index"])).index(k) for k in index] for v in vis]
+        names_, pal = class_colours(picked[0].runs[seeds[0]]["config"], names)
+        ft = picked[1].setting.get("feature_type", ["linear"])[0]  # vis.pt: the first's
+        seed = f"seed {seeds[0]}" if len(set(seeds)) == 1 else f"seeds {'/'.join(map(str, seeds))}"
+        fig = draw_fig2(f"Figure 2: {d}, {ft} features, {seed}\n(test images spread evenly "
+                        "over the test set; one run per method, not averaged)",
+                        ["image", "truth", *map(name, picked)],
+                        vis[0]["image"][rows[0]].permute(0, 2, 3, 1).numpy(),
+                        [vis[0]["truth"][rows[0]].numpy(),
+                         *(v["pred"][r].numpy() for v, r in zip(vis, rows))], index, names_, pal)
+        out.append(f"- Figure 2 ({d}): {', '.join(save(fig, root, f'fig2_{slug(d)}'))}")
+    if not datasets(groups, "seg"):
+        missing.append(f"Figure 2 (segmentation examples): {FIG2_NEEDS}")
     return out
 
 
 # -----------------------------------------------------------------------------
 # Command line
 
-def report(root):
+def report(root, class_names=None):
     """Writes root/report.md and the figures beside it; returns the text of report.md."""
     groups = load_groups(root)
     benches = [read_json(f) for f in sorted(glob.glob(os.path.join(root, "bench-*.json")))]
     if not groups and not benches:
         raise ReportError(f"{root}: no */result.json or bench-*.json there")
-    n = sum(len(g) for g in groups.values())
-    out = [f"# Results in {root}", "", f"{n} runs; mean ± sample std over seeds; best in bold.", ""]
-    out += table3(groups) + tables2and4(groups) + table6(groups) + paired_table(groups)
-    out += stable_table(groups) + settings_table(groups)
-    out += bench_table(benches) if benches else []
-    out += figure3(root, groups) + figure2(root, groups)
-    text = "\n".join(out) + "\n"
+    missing = []
+    n = sum(len(g.runs) for g in groups)
+    out = [f"# Results in {root}", "", f"{n} runs in {len(groups)} settings (runs of one setting "
+           "differ in their seed only); mean ± sample std over seeds; bold: the best of rows "
+           "that differ in their method only.", ""]
+    out += table3(groups, missing) + tables2and4(groups, missing) + table6(groups, missing)
+    out += paired_table(groups, missing) + settings_tables(groups) + bench_table(benches, missing)
+    figures = figure3(root, groups, missing) + figure2(root, groups, class_names, missing)
+    out += ["## Figures", "", *figures, ""] if figures else []
+    out += ["## Not in this report, and what each needs", "", *(f"- {m}" for m in missing)
+            ] if missing else []
+    md = "\n".join(out) + "\n"
     with open(os.path.join(root, "report.md"), "w") as f:
-        f.write(text)
-    return text
+        f.write(md)
+    return md
 
 
 def main(argv=None):
@@ -651,13 +661,21 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs_dir", metavar="RUNS_DIR",
                    help="a folder of runs (*/result.json) and/or benchmarks (bench-*.json)")
+    p.add_argument("--class-names", metavar="FILE",
+                   help="Figure 2's class names, one a line (line i: class i), for datasets "
+                        "whose names the report does not know (it knows VOC's and CamVid's)")
     args = p.parse_args(argv)
     try:
-        text = report(args.runs_dir)
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
+        names = None
+        if args.class_names:
+            with open(args.class_names) as f:
+                names = [ln.strip() for ln in f if ln.strip()]
+        out = report(args.runs_dir, names)
+    except (ReportError, OSError) as e:  # OSError: a file that cannot be read or written
+        print(f"error: {f'{e.filename}: {e.strerror}' if isinstance(e, OSError) else e}",
+              file=sys.stderr)
         sys.exit(2)
-    print(text)
+    print(out)
 
 
 if __name__ == "__main__":
