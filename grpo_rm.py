@@ -3,11 +3,8 @@
 A reference implementation of Xu, Jiao, Zhang & Li, arXiv 2511.15256: DINOv2 (or DINOv3)
 post-trained with GRPO-RM (--method grpo), fine-tuned (ce) or left as it is (frozen), then frozen
 and evaluated with a fresh head: softmax regression (SR) and kNN, or pixel accuracy / IoU / mIoU.
-
-    torchrun --nproc_per_node=4 grpo_rm.py --task seg --dataset voc --data-dir data/voc
-
-Top to bottom: the method, the model, data, training, evaluation, main and config. "Eq. (n)"
-cites the paper; "Open in the paper:" marks a point it leaves open and says what is done here."""
+Top to bottom: the method, model, data, training, evaluation, main, config. "Eq. (n)" cites the
+paper; "Open in the paper:" marks a point it leaves open and says what is done here."""
 import argparse
 import copy
 import contextlib
@@ -34,11 +31,9 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Subset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
-
 
 # =============================================================================
 # The method: rewards (Eqs. 3-6), advantages (Eq. 2), the clipped objective (Eq. 1, β = 0), θ_old.
@@ -56,8 +51,7 @@ UNIFORMITY = {  # r_uni (N, c) from the old probabilities (N, c) and the labels 
 }
 
 def rewards(old_probs, labels, uniformity="eq4", background_penalty=False):
-    """The reward of each of the c outputs of each sample, from the OLD policy's probabilities
-    (Algorithm 1, line 6). old_probs (N, c), labels (N,) -> (N, c)."""
+    """Algorithm 1, line 6: the rewards (N, c) from the OLD probabilities (N, c) and labels (N,)."""
     c = old_probs.shape[1]
     r = UNIFORMITY[uniformity](old_probs, labels)  # (N, c) r_uni
     r = r.scatter_add(1, labels[:, None], torch.full_like(r[:, :1], c))  # Eqs. (3), (6): +c at k
@@ -73,11 +67,9 @@ def advantages(r, eps=1e-4):
 def grpo_rm_loss(logits, old_logits, labels, clip_eps=0.2, uniformity="eq4",
                  background_penalty=False, ignore_index=-100, dual_clip=None, kl_coef=None,
                  with_diagnostics=False):
-    """-J(θ) of Eq. (1) with β = 0: the group is the c classes, π_θ(o_i|q) = softmax(logits)_i.
-    logits, old_logits (N, c); labels (N,). The mean over the samples whose label is not
-    ignore_index (images, or the labelled pixels of a segmentation batch). Not in the paper, off
-    by default: dual_clip=C bounds the terms of negative advantage below by C·A; kl_coef=k adds
-    k·KL(π_θold || π_θ) to the loss."""
+    """-J(θ) of Eq. (1), β = 0: the group is the c classes, π_θ(o_i|q) = softmax(logits)_i; logits,
+    old_logits (N, c), labels (N,), the mean over those not ignore_index. Not in the paper, off by
+    default: dual_clip=C bounds terms of A < 0 below by C·A; kl_coef=k adds k·KL(π_θold || π_θ)."""
     keep = labels != ignore_index  # (N,)
     y = labels.masked_fill(~keep, 0)
     dtype = torch.promote_types(logits.dtype, torch.float32)  # float32 under bf16 autocast
@@ -88,30 +80,26 @@ def grpo_rm_loss(logits, old_logits, labels, clip_eps=0.2, uniformity="eq4",
     log_ratio = (logp - logp_old).masked_fill(~keep[:, None], 0)  # (N, c) log ρ_i; 0 if ignored
     # A ≥ 0: once ρ > 1 + ε the term is (1 + ε)A, so capping ρ at 1 + ε changes no value and no
     # gradient; it only keeps an overflowed ρ (exp(89) in float32) from making 0·inf = NaN.
-    # A < 0: the paper's term is unbounded in ρ. Dual-clip PPO (Ye et al. 2020) takes
-    # max(min(ρA, clip(ρ)A), C·A) instead, which is the same as capping ρ at C.
+    # A < 0: unbounded; dual-clip PPO's max(min(ρA, clip(ρ)A), C·A) (Ye et al. 2020) caps ρ at C
     high = math.log(dual_clip) if dual_clip else math.inf
-    bounded = torch.where(A < 0, log_ratio.clamp(max=high),
-                          log_ratio.clamp(max=math.log1p(clip_eps)))
-    ratio = torch.exp(bounded)  # (N, c)
+    ratio = torch.where(A < 0, log_ratio.clamp(max=high),
+                        log_ratio.clamp(max=math.log1p(clip_eps))).exp()  # (N, c)
     # Eq. (1): 1/G Σ_i min(ρ_i A_i, clip(ρ_i, 1 - ε, 1 + ε) A_i), G = c; then the mean over q
     J = torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A).mean(-1)  # (N,)
-    if kl_coef:  # PPO's KL penalty (Schulman et al. 2017, Eq. 8) towards θ_old, exact over the
-        # c classes; its gradient in the logits, p - p_old, is bounded
-        kl = -(logp_old.exp() * log_ratio).sum(-1)  # (N,)
+    if kl_coef:  # PPO's KL penalty (Schulman et al. 2017, Eq. 8), exact over the c classes
+        kl = -(logp_old.exp() * log_ratio).sum(-1)  # (N,); its gradient, p - p_old, is bounded
         J = J - kl_coef * kl
     loss = -(J * keep).sum() / keep.sum().clamp(min=1)
-    if not with_diagnostics:
-        return loss
-    return loss, diagnostics(log_ratio, A, logp_old, keep, clip_eps, dual_clip)
+    if with_diagnostics:
+        return loss, diagnostics(log_ratio, A, logp_old, keep, clip_eps, dual_clip)
+    return loss
 
 @torch.no_grad()
 def diagnostics(log_ratio, A, logp_old, keep, clip_eps, dual_clip=None):
     """What to watch in a run, over the labelled samples, as DIAGNOSTICS names it: clip_frac, the
-    fraction of (sample, class) terms the clip cuts off; approx_kl, KL(π_θold || π_θ) = -Σ_i p_old,i
+    share of (sample, class) terms the clip cuts off; approx_kl, KL(π_θold || π_θ) = -Σ_i p_old,i
     log ρ_i, exact over the c classes (PPO code estimates it from sampled actions, hence the name);
-    ratio_dev_mean and ratio_dev_max, the mean and the max of |ρ - 1|; dual_clip_frac, the fraction
-    of terms the dual clip bounds."""
+    ratio_dev_mean and _max, the mean and max of |ρ - 1|; dual_clip_frac, the dual clip's share."""
     n, c = keep.sum().clamp(min=1), log_ratio.shape[1]
     ratio, k = log_ratio.exp(), keep[:, None]  # (N, c), (N, 1)
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * A < ratio * A  # (N, c) min took clip
@@ -134,7 +122,6 @@ def make_old(model):
 def refresh_old(old, model):
     """Algorithm 1, line 3: π_θold <- π_θ, at the start of every epoch (or every K steps)."""
     old.load_state_dict(model.state_dict())
-
 
 # =============================================================================
 # Model: DINOv2 or DINOv3 from torch.hub, the classification head and the segmentation head
@@ -196,9 +183,8 @@ class SegHead(nn.Module):
         self.out = nn.Linear(hidden, num_classes)
 
     def forward(self, tokens, size=None):
-        # The first layer is linear and bilinear upsampling is linear with weights summing to 1,
-        # so the two commute: projecting at token resolution first is the same function as the
-        # paper's upsample-then-project, at 1/16 of the cost. The ReLU comes after the upsampling.
+        # Linear maps commute with bilinear upsampling (its weights sum to 1): projecting the tokens
+        # first is the paper's upsample-then-project at 1/16 of the cost. The ReLU comes after it.
         x = self.proj(tokens.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, hidden, h, w)
         size = size or (self.size, self.size)
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # (B, hidden, S, S)
@@ -228,7 +214,6 @@ def build_net(backbone, task, num_classes, hidden, seg_size):
     # cls: two fully connected layers on the class token. Open in the paper: the activation.
     mlp = nn.Sequential(nn.Linear(D, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
     return Net(backbone, mlp if task == "cls" else SegHead(D, hidden, num_classes, seg_size), task)
-
 
 # =============================================================================
 # Data: torchvision's datasets and the real on-disk layouts; downloads where they are allowed
@@ -262,8 +247,7 @@ def cls_transform(img_size, augment):
 
 def seg_transform(img_size, augment):
     # Open in the paper: augmentation, and the evaluation's resolution. One random resized crop
-    # (scale 0.5-1) and flip for image and mask alike (torchvision resizes a Mask with nearest
-    # neighbour); evaluation resizes both to the input size and scores at that size.
+    # and flip for image and mask alike (a Mask: nearest neighbour); evaluation at the input size.
     size = (img_size, img_size)
     geo = [v2.RandomResizedCrop(size, scale=(0.5, 1.0)), v2.RandomHorizontalFlip()]
     geo = geo if augment else [v2.Resize(size)]
@@ -346,13 +330,12 @@ def voc(download=False, prepare=None):
 # the data), native side (0: unknown), background: class 0 gets the penalty (Open in the paper).
 Spec = namedtuple("Spec", "task build classes native background", defaults=(0, 0, False))
 
-TV = torchvision.datasets
 CIFAR = dict(train={"train": True}, test={"train": False})
 STL = dict(train={"split": "train"}, test={"split": "test"})
 DATASETS = {
-    "cifar10": Spec("cls", torchvision_set(TV.CIFAR10, **CIFAR), 10, 32),
-    "cifar100": Spec("cls", torchvision_set(TV.CIFAR100, **CIFAR), 100, 32),
-    "stl10": Spec("cls", torchvision_set(TV.STL10, **STL), 10, 96),
+    "cifar10": Spec("cls", torchvision_set(torchvision.datasets.CIFAR10, **CIFAR), 10, 32),
+    "cifar100": Spec("cls", torchvision_set(torchvision.datasets.CIFAR100, **CIFAR), 100, 32),
+    "stl10": Spec("cls", torchvision_set(torchvision.datasets.STL10, **STL), 10, 96),
     "tinyimagenet": Spec("cls", image_folder("tinyimagenet"), 200, 64),
     "imagenet": Spec("cls", image_folder(), 1000),  # not downloaded: its licence
     "imagefolder": Spec("cls", image_folder()),  # any image folder; classes from its folders
@@ -372,10 +355,9 @@ def default_img_size(spec, patch):
     return 448 if spec.task == "seg" else 224
 
 def build_data(args, ctx):
-    """-> (num_classes, the post-training set, the train and test sets of the evaluation). Every
-    file is decoded once first, as evaluation reads it (each rank its share of train/, rank 0 the
-    test files): a bad one found later would cost the run. Streamed in small batches, this costs
-    about one epoch's reading, at ImageNet's size too."""
+    """-> (num_classes, the post-training set, the evaluation's train and test sets). Each file is
+    first decoded once, as evaluation reads it (each rank its share of train/, rank 0 the test
+    files): a bad one found later would cost the run. In small batches: about an epoch's reading."""
     spec, root, seg = DATASETS[args.dataset], args.data_dir, args.task == "seg"
     num_classes = args.num_classes or spec.classes
     def make(split, augment):
@@ -411,7 +393,6 @@ def build_data(args, ctx):
                             f"{ctx.world} process(es)")
         train = Subset(train, keep[:k].tolist())
     return num_classes, train, train_eval, test
-
 
 # =============================================================================
 # Training: Adam, cosine learning rate, bf16 autocast, DDP; checkpoints at every epoch's end
@@ -450,16 +431,15 @@ class Relayed(UserError):
 
 def agree(ctx, fn):
     """fn() on every rank; where it fails on any, all stop: rank 0 says the first failing rank's
-    error in one line (a crash keeps its traceback), the others exit quietly with the same code.
-    They wait with a long timeout (NCCL's watchdog never sees it) and learn of the failure here,
-    not by dying on a closed socket."""
+    error in one line (a crash keeps its traceback), the others exit quietly with its code. They
+    learn of it here, with a long timeout, not by dying on a closed socket."""
     out, error = None, None
     try:
         out = fn()
     except Exception as e:  # a bad input (UserError) or a crash: the others must not wait
         error = e
     said = [None if error is None else str(error)] * ctx.world
-    if ctx.world > 1:
+    if ctx.world > 1:  # over the gloo group: NCCL's watchdog would end a long wait
         dist.all_gather_object(said, said[ctx.rank], group=ctx.wait_group)
     first = next((m for m in said if m is not None), None)
     if first is None:
@@ -527,14 +507,12 @@ def train_step(model, old, opt, loss_fn, x, y, seg=False, dtype=torch.float32, w
     return torch.stack(row + ([] if diag is None else list(diag.float())))
 
 def train(args, ctx, net, train_set, run_dir):
-    """Algorithm 1; with --method ce, standard fine-tuning with the same network and schedule.
-    Returns the history, or None when --stop-after-epoch ended the run early. Rank 0 keeps the
-    live log, run_dir/metrics.jsonl: a line per step and per epoch, written as they happen."""
+    """Algorithm 1 (--method ce: fine-tuning, same network and schedule) -> the history, or None if
+    --stop-after-epoch ended it. Rank 0 logs every step and epoch live to run_dir/metrics.jsonl."""
     # The same shuffle on every rank (seed, epoch), each rank its share: the global batch is m.
-    sampler = DistributedSampler(train_set, ctx.world, ctx.rank, shuffle=True, seed=args.seed)
-    loader = DataLoader(train_set, args.batch_size // ctx.world, sampler=sampler,
-                        num_workers=args.workers, pin_memory=ctx.device.type == "cuda",
-                        worker_init_fn=ignore_stops)
+    loader = DataLoader(train_set, args.batch_size // ctx.world, num_workers=args.workers,
+                        sampler=DistributedSampler(train_set, ctx.world, ctx.rank, seed=args.seed),
+                        pin_memory=ctx.device.type == "cuda", worker_init_fn=ignore_stops)
     model, old, old_fwd = make_models(net, args.method, ctx.world, args.compile)
     steps, seg = len(loader), args.task == "seg"  # a rank's steps an epoch
     opt, sched = make_optimizer(net, args.lr, args.batch_size, args.epochs * steps, ctx.device)
@@ -548,13 +526,11 @@ def train(args, ctx, net, train_set, run_dir):
         start, hist = load_checkpoint(ckpt, vars(args), ctx.world, net, old, opt, sched)
         if ctx.rank == 0:
             print(f"resumed from {ckpt}: epoch {start + 1}", flush=True)
-    if (args.stop_after_epoch or math.inf) <= start:
-        raise UserError(f"--stop-after-epoch {args.stop_after_epoch}: {ckpt} is at epoch {start}")
     log = os.path.join(run_dir, "metrics.jsonl") if ctx.rank == 0 else None
     if log:  # from the history: a resumed run's log has no step twice and none missing
         append_log(log, [r for e in range(start) for r in log_rows(hist, e, steps)], "w")
-    for epoch in range(start, args.epochs):
-        sampler.set_epoch(epoch)
+    for epoch in range(start, args.stop_after_epoch or args.epochs):
+        loader.sampler.set_epoch(epoch)
         torch.manual_seed(args.seed * 100_003 + ctx.rank * 1009 + epoch)  # augmentation draws
         t0, rows = time.time(), []
         for i, (x, y) in enumerate(loader):
@@ -577,16 +553,13 @@ def train(args, ctx, net, train_set, run_dir):
                      "sched": sched.state_dict(), "hist": hist, "config": vars(args),
                      "world": ctx.world, "old": old.state_dict() if old is not None else None}
             atomic_save(ckpt, functools.partial(torch.save, state))
-        if args.stop_after_epoch == epoch + 1:
-            if ctx.rank == 0:
-                print(f"stopped after epoch {epoch + 1}; rerun with --resume to go on")
-            return None
-    return hist
+    if args.stop_after_epoch and ctx.rank == 0:
+        print(f"stopped after epoch {args.stop_after_epoch}; rerun with --resume to go on")
+    return None if args.stop_after_epoch else hist
 
 def flush(rows, hist, world, epoch, ckpt, log=None):
     """Buffered steps -> hist["series"], the mean over ranks (ratio_dev_max: the max), and the live
-    log; the training loop's only host sync. Stops at a non-finite loss or gradient; warns once
-    where COLLAPSE_WARNING is crossed."""
+    log. Stops at a non-finite loss or gradient; warns once where COLLAPSE_WARNING is crossed."""
     steps, lrs, rows_t = zip(*rows)
     t = torch.stack(rows_t)  # (steps, values)
     keys = [k for k in hist["series"] if k not in ("step", "lr")]
@@ -605,18 +578,14 @@ def flush(rows, hist, world, epoch, ckpt, log=None):
                              f"last good checkpoint: {last} (lower --lr or use --dtype fp32)")
     for k, v in [("step", steps), ("lr", lrs), *values.items()]:
         hist["series"][k] += list(v)
+    if log:  # rank 0, whose history is kept: the live log, and the warning once a run
+        append_log(log, [dict(zip(hist["series"], r)) for r in zip(steps, lrs, *values.values())])
     key, limit = COLLAPSE_WARNING
     over = [s for s, v in zip(steps, values.get(key, ())) if v > limit]
-    if over and hist["collapse_warning"] is None:
+    if log and over and hist["collapse_warning"] is None:
         hist["collapse_warning"] = over[0]
-        if log:
-            print(f"warning: {key} {max(values[key]):.3g} > {limit:g} at step {over[0] + 1}: in "
-                  "our runs a collapse followed; --dual-clip 3 --kl-coef 1, or a lower --lr, "
-                  "kept them stable", flush=True)
-    if log:
-        n = len(hist["series"]["step"])
-        append_log(log, [{k: v[j] for k, v in hist["series"].items()}
-                         for j in range(n - len(steps), n)])
+        print(f"warning: {key} > {limit:g} at step {over[0] + 1}: in our runs a collapse followed; "
+              "--dual-clip 3 --kl-coef 1, or a lower --lr, kept them stable", flush=True)
 
 def log_rows(hist, epoch, per_epoch):
     """The live log's objects for one finished epoch: its steps (the series' keys), then its own."""
@@ -631,8 +600,7 @@ def append_log(path, rows, mode="a"):
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 def progress(hist, epoch, epochs, per_epoch, t0, n_images):
-    """One line per --log-every steps: where, the last step's recorded values, speed, the time left
-    in training (evaluation then prints its own)."""
+    """One line per --log-every steps: where, the last step's values, speed, training's ETA."""
     s = hist["series"]
     done = s["step"][-1] + 1
     elapsed = time.time() - t0
@@ -644,25 +612,23 @@ def progress(hist, epoch, epochs, per_epoch, t0, n_images):
     print(" | ".join(line), flush=True)
 
 class RunStopped(UserError):
-    """The run stopped before its end (a signal, a non-finite loss, a full disk): one line, exit
-    code 3; --resume goes on from the last checkpoint."""
+    """Stopped early (a signal, a non-finite loss, a full disk): exit code 3; --resume goes on."""
 
 @contextlib.contextmanager
 def writing(path):
-    """Around a write: a full disk becomes one line naming the file (torch.save wraps the OSError
-    in a RuntimeError), not a traceback."""
+    """A full disk, where path is written, as one line (torch.save wraps the OSError it gets)."""
     try:
         yield
     except (OSError, RuntimeError) as e:
-        cause = e if isinstance(e, OSError) else e.__cause__ or e.__context__
+        cause = e if isinstance(e, OSError) else e.__context__
         if getattr(cause, "errno", None) not in (errno.ENOSPC, errno.EDQUOT):
             raise
         raise RunStopped(f"{path}: no space left on its disk; free some, then rerun with "
                          "--resume") from None
 
 def atomic_save(path, write):
-    """Write a temp file in the same folder, fsync, rename: never a half-written file, and none
-    left behind by a failed write (a full disk stays full otherwise)."""
+    """Write a temp file in the same folder, fsync, rename: never a half-written file, nor a temp
+    file left by a failed write (a full disk would stay full)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with writing(path), open(tmp, "wb") as f:
@@ -686,19 +652,21 @@ def changed(old, new, same_ok):
     return ", ".join(f"--{k.replace('_', '-')}" for k in keys)
 
 def load_checkpoint(path, config, world, net, old, opt, sched):
-    """-> (the next epoch, the history so far); θ_old as it was (with --old-every K it may date
-    from inside the last epoch). Refuses a checkpoint of other settings or another world size."""
+    """-> (the next epoch, the history); θ_old as it was (with --old-every K, from inside the last
+    epoch). Refuses other settings, another world size, or a --stop-after-epoch it has reached."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt["world"] != world:  # other shards, augmentation draws and steps an epoch
         raise UserError(f"--resume: {path} was written by {ckpt['world']} processes, not {world}")
     diff = changed(ckpt["config"], config, RESUMABLE)
     if diff:
         raise UserError(f"--resume: {path} was written with other settings ({diff})")
+    stop = config["stop_after_epoch"]
+    if (stop or math.inf) <= ckpt["epoch"]:  # the run would never stop
+        raise UserError(f"--stop-after-epoch {stop}: {path} is at epoch {ckpt['epoch']}")
     for part, key in [(net, "model"), (old, "old"), (opt, "opt"), (sched, "sched")]:
         if part is not None:  # θ_old is None for fine-tuning
             part.load_state_dict(ckpt[key])
     return ckpt["epoch"], ckpt["hist"]
-
 
 # =============================================================================
 # Evaluation on frozen features: softmax regression (SR), kNN, pixel accuracy / IoU / mIoU. One
@@ -708,10 +676,9 @@ def load_checkpoint(path, config, world, net, old, opt, sched):
 @torch.no_grad()
 def extract(features, loader, device, dtype=torch.float32, spill=None, memory_gb=8.0,
             label_size=None):
-    """One pass of features (a frozen model: images (B, 3, H, W) -> (B, ...)) over a loader of
-    (image, label) -> (features, labels resized to label_size), cached on the host in the autocast
-    dtype for every epoch of an evaluation head. Beyond memory_gb they go to files in spill,
-    memory-mapped (pages of the kernel's cache, which it reclaims: COCO-stuff at 448 px)."""
+    """One pass of features (a frozen model: (B, 3, H, W) -> (B, ...)) over a loader of (image,
+    label) -> (features, labels resized to label_size), kept on the host in the autocast dtype for
+    every epoch of a head; beyond memory_gb, memory-mapped from files in spill (COCO-stuff)."""
     feats = labels = None
     i, n, t0 = 0, len(loader.dataset), time.time()
     for b, (x, y) in enumerate(loader):
@@ -783,9 +750,8 @@ def confusion_matrix(pred, target, num_classes, ignore_index=IGNORE):
 
 def segmentation_metrics(conf):
     """Pixel accuracy, IoU and mIoU (%) from one confusion matrix. Open in the paper: "IoU". Here
-    the frequency-weighted IoU, Σ_c freq_c IoU_c (freq from the ground truth): the paper's IoU is
-    always far above its mIoU (87.0 vs 66.8 on VOC), which fits it. mIoU averages IoU_c over the
-    classes present in the ground truth or the prediction."""
+    the frequency-weighted IoU, Σ_c freq_c IoU_c (true frequencies): the paper's IoU is always far
+    above its mIoU (87.0 vs 66.8 on VOC), which fits. mIoU: over classes in truth or prediction."""
     conf = conf.double()
     tp, gt, pr = conf.diag(), conf.sum(1), conf.sum(0)
     union = gt + pr - tp
@@ -811,9 +777,8 @@ def evaluate_cls(net, train_loader, test_loader, num_classes, device, dtype=torc
 
 @torch.no_grad()
 def predict_seg(net, head, x, seg_size, ms_scales=(), dtype=torch.float32):
-    """Class probabilities (B, c, H, W) at the input resolution. Without ms_scales ("linear"): the
-    last layer at scale 1. With them ("ms"): the 4-layer head averaged over the scales and
-    horizontal flips, as DINOv2's multi-scale evaluation does. Each view is one backbone pass."""
+    """Class probabilities (B, c, H, W) at the input size: "linear" (no ms_scales) the last layer
+    at scale 1, "ms" the 4-layer head averaged over scales and flips, as in DINOv2's evaluation."""
     (H, W), p = x.shape[-2:], net.backbone.patch_size
     views = [(s, flip) for s in ms_scales for flip in (False, True)] or [(1, False)]
     probs = 0
@@ -830,11 +795,9 @@ def predict_seg(net, head, x, seg_size, ms_scales=(), dtype=torch.float32):
 def evaluate_seg(net, train_loader, test_loader, num_classes, hidden, seg_size, device,
                  dtype=torch.float32, feature_types=("linear",), ms_scales=(1, 1.32, 1.73, 2.28, 3),
                  save_vis=0, spill=None, memory_gb=8.0, **fit):
-    """-> ({feature type: {"pixel_acc", "iou", "miou", "labelled_pixels"}}, save_vis test images
-    spread evenly over the test set as uint8 {"image", "truth", "pred"} and their "index", or
-    None). A fresh SegHead for each feature type:
-    "linear" (the last layer), "ms" (the last 4, multi-scale). fit: as evaluate_cls's. test_loader:
-    small batches (16 images' probabilities at 448 px and c = 150 take 1.9 GB)."""
+    """-> ({feature type: {"pixel_acc", "iou", "miou", "labelled_pixels"}}, None or save_vis test
+    images spread evenly: uint8 {"image", "truth", "pred"}, "index"). A fresh SegHead per feature
+    type; fit: evaluate_cls's. test_loader: small batches (16 at 448 px, c = 150: 1.9 GB)."""
     D, n_layers = net.backbone.embed_dim, 4 if "ms" in feature_types else 1
     tr_f, tr_y = extract(functools.partial(net.features, n_layers=n_layers), train_loader,
                          device, dtype, spill, memory_gb, seg_size)
@@ -868,7 +831,6 @@ def evaluate_seg(net, train_loader, test_loader, num_classes, hidden, seg_size, 
                "pred": pred.byte(), "index": picks}
     return {ft: segmentation_metrics(cm) | {"labelled_pixels": int(cm.sum())}
             for ft, cm in conf.items()}, vis
-
 
 # =============================================================================
 # Main: one run = data, model, post-training, evaluation, result.json
@@ -949,9 +911,8 @@ def evaluate(args, ctx, net, train_eval, test, num_classes, run_dir):
 def finish(run_dir, net, result, ctx, save_backbone=True):
     """The post-trained backbone (loadable with --weights), then result.json, last, so that a
     result on disk means a finished run; the resume state goes. -> result."""
-    cuda = ctx.device.type == "cuda"
-    result |= {"world_size": ctx.world, "torch": torch.__version__,
-               "device": torch.cuda.get_device_name() if cuda else "cpu",
+    device = torch.cuda.get_device_name() if ctx.device.type == "cuda" else "cpu"
+    result |= {"world_size": ctx.world, "torch": torch.__version__, "device": device,
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     if save_backbone:
         atomic_save(os.path.join(run_dir, "backbone.pt"),
@@ -960,12 +921,9 @@ def finish(run_dir, net, result, ctx, save_backbone=True):
     atomic_save(os.path.join(run_dir, "result.json"), lambda f: f.write(text))
     if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
         os.remove(os.path.join(run_dir, "ckpt.pt"))
-    rounded = {k: round(v, 2) for k, v in result["metrics"].items() if not isinstance(v, dict)}
-    rounded |= {k: {m: round(x, 2) for m, x in v.items()}
-                for k, v in result["metrics"].items() if isinstance(v, dict)}
-    print(f"{os.path.basename(run_dir)}: {json.dumps(rounded)}", flush=True)
+    rounded = re.sub(r"\d+\.\d{3,}", lambda m: f"{float(m[0]):.2f}", json.dumps(result["metrics"]))
+    print(f"{os.path.basename(run_dir)}: {rounded}", flush=True)
     return result
-
 
 # =============================================================================
 # Config: every flag; the defaults reproduce the paper (Section 4.2)
@@ -1130,8 +1088,7 @@ def cli(argv=None):
             raise
         quiet = isinstance(e, Relayed) or (isinstance(e, RunStopped) and rank > 0)
         if not quiet:  # under torchrun rank 0's error is one line, not one a rank
-            # A UserError raised in a DataLoader worker arrives wrapped, its traceback as text.
-            msg = str(e).strip().splitlines()[-1]
+            msg = str(e).strip().splitlines()[-1]  # a worker's UserError comes as traceback text
             print(f"error: {msg.split('UserError: ', 1)[-1]}", file=sys.stderr)
         sys.exit(3 if isinstance(e, RunStopped) else 2)
 
