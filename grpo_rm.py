@@ -38,7 +38,6 @@ from torchvision.transforms import v2
 # =============================================================================
 # The method: rewards (Eqs. 3-6), advantages (Eq. 2), the clipped objective (Eq. 1, β = 0), θ_old.
 # Self-contained (copy, math, torch, torch.nn.functional as F): it can be copied whole.
-
 def uniformity_eq5(p_old, labels):
     c, k = p_old.shape[1], labels[:, None]
     p_k = p_old.gather(1, k)  # (N, 1): the old probability of the true class
@@ -60,8 +59,7 @@ def rewards(old_probs, labels, uniformity="eq4", background_penalty=False):
     return r
 
 def advantages(r, eps=1e-4):
-    """Eq. (2): the z-score of the rewards over the group (the c classes of one sample).
-    Open in the paper: which std. Here the unbiased one, plus eps, as TRL's GRPO."""
+    """Eq. (2) over the group, the c classes. Open in the paper: which std; the unbiased, as TRL."""
     return (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + eps)  # (N, c) Eq. (2)
 
 def grpo_rm_loss(logits, old_logits, labels, clip_eps=0.2, uniformity="eq4",
@@ -96,10 +94,9 @@ def grpo_rm_loss(logits, old_logits, labels, clip_eps=0.2, uniformity="eq4",
 
 @torch.no_grad()
 def diagnostics(log_ratio, A, logp_old, keep, clip_eps, dual_clip=None):
-    """What to watch in a run, over the labelled samples, as DIAGNOSTICS names it: clip_frac, the
-    share of (sample, class) terms the clip cuts off; approx_kl, KL(π_θold || π_θ) = -Σ_i p_old,i
-    log ρ_i, exact over the c classes (PPO code estimates it from sampled actions, hence the name);
-    ratio_dev_mean and _max, the mean and max of |ρ - 1|; dual_clip_frac, the dual clip's share."""
+    """DIAGNOSTICS over the labelled samples: clip_frac, the share of (sample, class) terms the
+    clip cuts; approx_kl, KL(π_θold || π_θ) = -Σ_i p_old,i log ρ_i, exact over the c classes (PPO
+    code estimates it); ratio_dev_mean/max, of |ρ - 1|; dual_clip_frac, the dual clip's share."""
     n, c = keep.sum().clamp(min=1), log_ratio.shape[1]
     ratio, k = log_ratio.exp(), keep[:, None]  # (N, c), (N, 1)
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * A < ratio * A  # (N, c) min took clip
@@ -111,8 +108,8 @@ def diagnostics(log_ratio, A, logp_old, keep, clip_eps, dual_clip=None):
                         (bounded & k).sum() / (n * c)])
 
 DIAGNOSTICS = ("clip_frac", "approx_kl", "ratio_dev_mean", "ratio_dev_max", "dual_clip_frac")
-# Collapse ahead: in results/, max |ρ - 1| > 100 came before all 17 collapses and in no healthy run
-# but the dual-clip ones, whose ρ overflows (results/README.md, tools/collapse.py)
+# In results/, max |ρ - 1| > 100 came before all 17 collapses, and in no healthy run but those
+# with the dual clip, whose ρ overflows (results/README.md, tools/collapse.py): warned once a run
 COLLAPSE_WARNING = ("ratio_dev_max", 100.0)
 
 def make_old(model):
@@ -125,18 +122,15 @@ def refresh_old(old, model):
 
 # =============================================================================
 # Model: DINOv2 or DINOv3 from torch.hub, the classification head and the segmentation head
-
-# The commits this file was tested with; torch.hub fetches that tree, not today's main.
 HUB_REPOS = {"dinov2": "facebookresearch/dinov2:b8931f7bf91576930313be2c6d6af376033b35f0",
-             "dinov3": "facebookresearch/dinov3:6876159"}
+             "dinov3": "facebookresearch/dinov3:6876159"}  # the commits tested, not main
 HUB_TIMEOUT_S = 30  # the longest torch.hub waits on one network read (a firewall may drop packets)
 
 class UserError(Exception):
     """Bad input: printed as one line that names the flag or file, exit code 2, no traceback."""
 
 def load_backbone(hub_repo, name, weights=None, hub_kwargs=None):
-    """torch.hub.load of DINOv2 or DINOv3 from GitHub (owner/name[:ref]) or a local clone; weights:
-    a local state dict, loaded strictly. DINOv3's gated weights: hub_kwargs={"weights": PATH}."""
+    """torch.hub.load (GitHub owner/name[:ref] or a clone); weights: a state dict, strictly."""
     kwargs = {**(hub_kwargs or {}), **({"pretrained": False} if weights else {})}
     source = "local" if os.path.isdir(hub_repo) else "github"
     if source == "github" and not re.fullmatch(r"[\w-]+/[\w.-]+(:\S+)?", hub_repo):
@@ -162,20 +156,14 @@ def load_backbone(hub_repo, name, weights=None, hub_kwargs=None):
         socket.setdefaulttimeout(default_timeout)
     if weights:
         try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as e:  # missing, or not a file torch.save wrote (torch's advice misleads)
-            reason = e.strerror if isinstance(e, OSError) else type(e).__name__
-            raise UserError(f"--weights {weights}: not a state dict file ({reason})") from None
-        try:  # a mismatch: torch's message names the missing, unexpected, misshapen keys
-            model.load_state_dict(state)
-        except Exception as e:
-            raise UserError(f"--weights {weights}: cannot load into --model {name} "
-                            f"({' '.join(str(e).split())[:300]})") from None
+            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        except Exception as e:  # a mismatch names its keys; not a state dict: no misleading advice
+            why = " ".join(str(e).split())[:300] if type(e) is RuntimeError else type(e).__name__
+            raise UserError(f"--weights {weights}: cannot load into {name} ({why})") from None
     return model
 
 class SegHead(nn.Module):
-    """Patch tokens (B, D, h, w) -> bilinear upsampling to size × size (32×32 -> 128×128, Section
-    4.2) -> a two-layer per-pixel projection -> logits (B, c, size, size), stored channels-last."""
+    """Tokens (B, D, h, w) -> upsampled to size (4.2: 128) -> 2 per-pixel layers -> (B, c, S, S)."""
 
     def __init__(self, in_dim, hidden, num_classes, size):
         super().__init__()
@@ -217,14 +205,13 @@ def build_net(backbone, task, num_classes, hidden, seg_size):
 
 # =============================================================================
 # Data: torchvision's datasets and the real on-disk layouts; downloads where they are allowed
-
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, as DINOv2
 IGNORE = 255  # segmentation "no label" (VOC's 255; tools/prepare_data.py maps others to it)
 BICUBIC = v2.InterpolationMode.BICUBIC
 PREPARE = "python3 tools/prepare_data.py {} --data-dir {} makes it"  # the sets it converts
 
 def read_image(path, mode="RGB"):
-    """An image file, converted to mode (a mask keeps its own: mode None)."""
+    """An image file, converted to mode (None: a mask keeps its own)."""
     try:
         with Image.open(path) as im:
             return im.convert(mode) if mode else im.copy()
@@ -232,8 +219,7 @@ def read_image(path, mode="RGB"):
         raise UserError(f"{path}: cannot read image ({e})") from None
 
 def ignore_stops(worker_id=None):
-    """A DataLoader worker's init: Ctrl-C and SIGTERM reach the whole process group, but the main
-    process alone says that the run stopped, in one line; a worker would print a traceback."""
+    """A Ctrl-C reaches the whole process group: workers (and later signals) leave it to main()."""
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)
 
@@ -255,8 +241,7 @@ def seg_transform(img_size, augment):
     return v2.Compose([*geo, v2.ToDtype(dtypes, scale=True), v2.Normalize(MEAN, STD)])
 
 def with_download(root, what, get, hint=None, url=None):
-    """get(download): a dataset, downloaded from url when not on disk, unless a hint says how to
-    make it. torchvision's downloads start afresh: a partial file is not resumed."""
+    """get(download): a dataset, downloaded from url if missing, unless a hint says how to make."""
     try:
         return get(False)
     except RuntimeError:  # torchvision: "Dataset not found or corrupted": downloaded below
@@ -271,15 +256,14 @@ def with_download(root, what, get, hint=None, url=None):
                         f"({type(e).__name__}: {e}); offline, put its files there") from None
 
 def torchvision_set(cls, **splits):
-    """CIFAR-10/100, STL-10: torchvision's datasets, downloaded by torchvision when missing."""
+    """CIFAR-10/100, STL-10: torchvision's, downloaded when missing."""
     def build(root, split, transform):
         get = lambda d: cls(root, download=d, transform=transform, **splits[split])
         return with_download(root, cls.__name__, get, url=cls.url)
     return build
 
 def image_folder(prepare=None):
-    """Any image folder (train/, and val/ or test/, a folder a class): Tiny-ImageNet as prepared.
-    Open in the paper: ImageNet's layout. Here val/ sorted into classes, as torchvision's."""
+    """train/, val/ or test/: a folder a class. Open in the paper: ImageNet's layout; this one."""
     def build(root, split, transform):
         subs = ["train"] if split == "train" else ["val", "test"]  # ImageNet's test/: no labels
         for path in [os.path.join(root, sub) for sub in subs]:
@@ -297,8 +281,7 @@ def resize_labels(y, size):
     return F.interpolate(y[:, None].float(), size=(size, size), mode="nearest")[:, 0].to(y.dtype)
 
 class SegFiles(torchvision.datasets.VOCSegmentation):
-    """Pascal VOC 2012's layout (VOCdevkit/VOC2012/), listed by torchvision -> (image (3, S, S),
-    labels (S, S)); the masks (palette or grey 8-bit PNGs) hold the classes, IGNORE unlabelled."""
+    """VOC 2012's layout -> (image (3, S, S), labels (S, S)); 8-bit masks, IGNORE unlabelled."""
 
     def __init__(self, root, image_set, download, num_classes, transform):
         super().__init__(root, "2012", image_set, download=download)
@@ -346,18 +329,17 @@ DATASETS = {
 }
 
 def default_img_size(spec, patch):
-    """Open in the paper: the input sizes. Table 5's FLOPs fit Tiny-ImageNet at its native 64 px
-    rounded up to ViT-S/14's patch: 5 × 5 patches (70 px); CIFAR (3 × 3, 42 px) and STL-10 (7 × 7,
-    98 px) are taken alike. Other patches keep those token counts (patch 16: 48, 112, 80 px), but
-    never go below the native size (patch 8: 32, 96, 64 px). Else 224; segmentation 448."""
+    """Open in the paper: the input sizes. Table 5's FLOPs fit the native sides rounded up to
+    ViT-S/14's patch: CIFAR 3 × 3 patches, STL-10 7 × 7, Tiny-ImageNet 5 × 5 (42, 98, 70 px). Other
+    patches keep those tokens, never below the native side (patch 16: 48, 112, 80; patch 8: 32, 96,
+    64). Else 224; segmentation 448."""
     if spec.native:
         return max(math.ceil(spec.native / 14), math.ceil(spec.native / patch)) * patch
     return 448 if spec.task == "seg" else 224
 
 def build_data(args, ctx):
-    """-> (num_classes, the post-training set, the evaluation's train and test sets). Each file is
-    first decoded once, as evaluation reads it (each rank its share of train/, rank 0 the test
-    files): a bad one found later would cost the run. In small batches: about an epoch's reading."""
+    """-> (num_classes, post-training set, evaluation's train and test sets). Every file is decoded
+    once first (a bad one found later would cost the run): about an epoch's reading."""
     spec, root, seg = DATASETS[args.dataset], args.data_dir, args.task == "seg"
     num_classes = args.num_classes or spec.classes
     def make(split, augment):
@@ -396,7 +378,6 @@ def build_data(args, ctx):
 
 # =============================================================================
 # Training: Adam, cosine learning rate, bf16 autocast, DDP; checkpoints at every epoch's end
-
 Ctx = namedtuple("Ctx", "rank world device dtype wait_group")  # the process, from setup()
 
 def autocast(device, dtype):
@@ -405,8 +386,7 @@ def autocast(device, dtype):
                           enabled=dtype == torch.bfloat16)
 
 def setup(device, dtype, backend=None):
-    """-> Ctx: the rank among world, the device, the autocast dtype (bf16 or float32), and under
-    torchrun the process group (NCCL on GPU, gloo on CPU) and a gloo group for long waits."""
+    """-> Ctx; under torchrun the process group (NCCL on GPU, gloo on CPU), a gloo one for waits."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     backend = backend or ("nccl" if device == "cuda" else "gloo")
@@ -430,9 +410,8 @@ class Relayed(UserError):
     """Rank 0's error, raised on the other ranks so that they stop too; rank 0 reports it."""
 
 def agree(ctx, fn):
-    """fn() on every rank; where it fails on any, all stop: rank 0 says the first failing rank's
-    error in one line (a crash keeps its traceback), the others exit quietly with its code. They
-    learn of it here, with a long timeout, not by dying on a closed socket."""
+    """fn() on every rank; if it fails on one, all stop, and rank 0 alone says the first failure
+    (a crash keeps its traceback): the others learn of it here, not from a closed socket."""
     out, error = None, None
     try:
         out = fn()
@@ -449,17 +428,15 @@ def agree(ctx, fn):
     raise (UserError if ctx.rank == 0 else Relayed)(first)
 
 def rank0_first(ctx, fn, alone=False):
-    """fn() on rank 0, then (unless alone: a check) on the others, which find its files (a
-    download, the hub cache); a failure on rank 0 stops all, as agree's."""
+    """fn() on rank 0 (a download, the hub cache), then, unless alone, on the others."""
     out = agree(ctx, fn if ctx.rank == 0 else lambda: None)
     return out if ctx.rank == 0 or alone else fn()
 
 LOSS_FLAGS = ("clip_eps", "uniformity", "background_penalty", "dual_clip", "kl_coef")
 
 def make_loss(method, ignore_index, compile=False, **options):
-    """-J of Eq. (1) (options: grpo_rm_loss's, LOSS_FLAGS), or cross-entropy (logits (N, c) or
-    (N, c, S, S)): fn(logits, old logits, labels) -> (loss, diag). Compiled (one dynamic graph),
-    the loss keeps a third of its eager memory, ×3-4 of cross-entropy's CPU time, not ×16-20."""
+    """fn(logits, old logits, labels) -> (loss, diagnostics): -J of Eq. (1) (options: LOSS_FLAGS) or
+    cross-entropy. Compiled (one dynamic graph), the loss keeps a third of its eager memory."""
     def cross_entropy(z, z_old, y):  # the mean over the labelled samples, 0 if there are none
         loss = F.cross_entropy(z.float(), y, ignore_index=ignore_index, reduction="sum")
         return loss / (y != ignore_index).sum().clamp(min=1), None
@@ -507,8 +484,7 @@ def train_step(model, old, opt, loss_fn, x, y, seg=False, dtype=torch.float32, w
     return torch.stack(row + ([] if diag is None else list(diag.float())))
 
 def train(args, ctx, net, train_set, run_dir):
-    """Algorithm 1 (--method ce: fine-tuning, same network and schedule) -> the history, or None if
-    --stop-after-epoch ended it. Rank 0 logs every step and epoch live to run_dir/metrics.jsonl."""
+    """Algorithm 1 (ce: fine-tuning) -> the history (None: stopped early); rank 0 writes the log."""
     # The same shuffle on every rank (seed, epoch), each rank its share: the global batch is m.
     loader = DataLoader(train_set, args.batch_size // ctx.world, num_workers=args.workers,
                         sampler=DistributedSampler(train_set, ctx.world, ctx.rank, seed=args.seed),
@@ -558,8 +534,7 @@ def train(args, ctx, net, train_set, run_dir):
     return None if args.stop_after_epoch else hist
 
 def flush(rows, hist, world, epoch, ckpt, log=None):
-    """Buffered steps -> hist["series"], the mean over ranks (ratio_dev_max: the max), and the live
-    log. Stops at a non-finite loss or gradient; warns once where COLLAPSE_WARNING is crossed."""
+    """Buffered steps -> hist["series"] (the mean over ranks, ratio_dev_max the max) and the log."""
     steps, lrs, rows_t = zip(*rows)
     t = torch.stack(rows_t)  # (steps, values)
     keys = [k for k in hist["series"] if k not in ("step", "lr")]
@@ -627,8 +602,7 @@ def writing(path):
                          "--resume") from None
 
 def atomic_save(path, write):
-    """Write a temp file in the same folder, fsync, rename: never a half-written file, nor a temp
-    file left by a failed write (a full disk would stay full)."""
+    """A temp file, fsync, rename: never a half-written file, nor a temp file left behind."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with writing(path), open(tmp, "wb") as f:
@@ -652,8 +626,7 @@ def changed(old, new, same_ok):
     return ", ".join(f"--{k.replace('_', '-')}" for k in keys)
 
 def load_checkpoint(path, config, world, net, old, opt, sched):
-    """-> (the next epoch, the history); θ_old as it was (with --old-every K, from inside the last
-    epoch). Refuses other settings, another world size, or a --stop-after-epoch it has reached."""
+    """-> (the next epoch, the history), or a UserError for other settings or world size."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt["world"] != world:  # other shards, augmentation draws and steps an epoch
         raise UserError(f"--resume: {path} was written by {ckpt['world']} processes, not {world}")
@@ -672,7 +645,6 @@ def load_checkpoint(path, config, world, net, old, opt, sched):
 # Evaluation on frozen features: softmax regression (SR), kNN, pixel accuracy / IoU / mIoU. One
 # pass of the frozen backbone over each split, then a fresh head trained on the cached features.
 # Rank 0 evaluates alone, so any world size gives one result: plain values, no process group.
-
 @torch.no_grad()
 def extract(features, loader, device, dtype=torch.float32, spill=None, memory_gb=8.0,
             label_size=None):
@@ -710,8 +682,7 @@ def host_tensor(shape, dtype, path):
 
 def fit_head(head, feats, labels, epochs, batch_size, lr, device, dtype=torch.float32,
              cols=slice(None), ignore_index=-100, seed=0, name="head"):
-    """Train a fresh head on cached frozen features (the columns cols of feats) with training's
-    optimizer and lr rule and cross-entropy over the labelled samples. -> the head, in eval mode."""
+    """A fresh head on cached features (columns cols) with training's optimizer, lr and loss."""
     steps = epochs * math.ceil(len(feats) / batch_size)
     opt, sched = make_optimizer(head, lr, batch_size, steps, device)
     cross_entropy = make_loss("ce", ignore_index)
@@ -763,8 +734,7 @@ def segmentation_metrics(conf):
 
 def evaluate_cls(net, train_loader, test_loader, num_classes, device, dtype=torch.float32,
                  spill=None, memory_gb=8.0, **fit):
-    """-> {"sr", "knn"} in %: a fresh linear head (softmax regression) and kNN, k = 5, on net's
-    frozen features. fit: fit_head's epochs, batch_size, lr and seed."""
+    """-> {"sr", "knn"} in % on net's frozen features. fit: fit_head's epochs, batch_size, lr."""
     tr_f, tr_y = extract(net.features, train_loader, device, dtype, spill, memory_gb)
     te_f, te_y = extract(net.features, test_loader, device, dtype)
     torch.manual_seed(fit.get("seed", 0))
@@ -834,10 +804,8 @@ def evaluate_seg(net, train_loader, test_loader, num_classes, hidden, seg_size, 
 
 # =============================================================================
 # Main: one run = data, model, post-training, evaluation, result.json
-
 def run(args, ctx):
-    """One experiment -> (result dict, the trained Net). Rank 0 evaluates alone: the other ranks
-    return (None, Net) after training, as every rank does when --stop-after-epoch ends the run."""
+    """One experiment -> (result, Net); (None, Net) on the other ranks and after an early stop."""
     torch.manual_seed(args.seed)  # a randomly initialised backbone: the same on every rank
     backbone = rank0_first(ctx, lambda: load_backbone(args.hub_repo, args.model, args.weights,
                                                       args.hub_kwargs))  # the hub's cache
@@ -909,8 +877,7 @@ def evaluate(args, ctx, net, train_eval, test, num_classes, run_dir):
     return metrics
 
 def finish(run_dir, net, result, ctx, save_backbone=True):
-    """The post-trained backbone (loadable with --weights), then result.json, last, so that a
-    result on disk means a finished run; the resume state goes. -> result."""
+    """backbone.pt (for --weights), then result.json: a result on disk means a finished run."""
     device = torch.cuda.get_device_name() if ctx.device.type == "cuda" else "cpu"
     result |= {"world_size": ctx.world, "torch": torch.__version__, "device": device,
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -927,7 +894,6 @@ def finish(run_dir, net, result, ctx, save_backbone=True):
 
 # =============================================================================
 # Config: every flag; the defaults reproduce the paper (Section 4.2)
-
 def number(kind, low, high=math.inf, low_open=False):
     """An argparse type: a number of kind in [low, high], or (low, high] if low_open."""
     def parse(text):
@@ -1043,8 +1009,7 @@ def get_args(argv=None):
     return args
 
 def run_name(args):
-    """Readable parts, then a hash of every flag that sets what is trained: two such runs never
-    share a folder (evaluation flags may change on --resume, so they are not in it)."""
+    """Readable parts, then a hash of the flags that set what is trained (not RESUMABLE ones)."""
     cfg = {k: v for k, v in vars(args).items() if k not in RESUMABLE}
     digest = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:6]
     parts = [args.task, args.dataset, args.method]
@@ -1057,8 +1022,7 @@ def run_name(args):
 STOPPED = []  # the RunStopped of the first stop signal
 
 def stop(signum, _):
-    """SIGTERM, SIGINT: the run stops at once, with one line. Later ones are ignored: under torchrun
-    a Ctrl-C reaches each rank, then torchrun's SIGTERM follows."""
+    """SIGTERM, SIGINT: one line; later ones ignored (torchrun's SIGTERM follows a Ctrl-C)."""
     ignore_stops()
     STOPPED.append(RunStopped(f"stopped by {signal.Signals(signum).name}: rerun with --resume to "
                               "go on from the last finished epoch"))
