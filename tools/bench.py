@@ -164,20 +164,30 @@ def saved_bytes(fn, inputs, cuda):
     return {"saved_bytes": total, "held_bytes": held, "cuda_held_bytes": alloc, "loss": loss.item()}
 
 def bench_loss(n, c, fns, ctx, own):
-    """The loss alone at n samples x c classes, forward + backward, all of fns in one run."""
+    """The loss alone at n samples x c classes, forward + backward, all of fns in one run, under
+    training's autocast (the compiled loss's guards see it)."""
     g = torch.Generator(device=ctx.device).manual_seed(0)
     z = torch.randn(n, c, device=ctx.device, generator=g).to(ctx.dtype).requires_grad_()
     z_old = (z.detach().float() + 0.1 * torch.randn(n, c, device=ctx.device, generator=g))
     z_old, y = z_old.to(z.dtype), torch.randint(0, c, (n,), device=ctx.device, generator=g)
+    cuda = ctx.device.type == "cuda"
 
     def step(fn):
         z.grad = None
-        fn(z, z_old, y)[0].backward()
+        with G.autocast(ctx.device, ctx.dtype):
+            loss = fn(z, z_old, y)[0]
+        loss.backward()
     out = {}
     for name, fn in fns.items():
         for _ in range(max(own.warmup, 1)):  # compiles at this shape
             step(fn)
-        out[name] = saved_bytes(fn, (z, z_old, y), ctx.device.type == "cuda")
+        with G.autocast(ctx.device, ctx.dtype):
+            out[name] = saved_bytes(fn, (z, z_old, y), cuda)
+        if cuda:  # forward + backward's peak beyond what is allocated already (the inputs)
+            z.grad, base = None, torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step(fn)
+            out[name]["peak_bytes"] = torch.cuda.max_memory_allocated() - base
     t = time_rounds({k: functools.partial(step, f) for k, f in fns.items()}, own.steps, ctx,
                     own.rounds)
     for name, r in out.items():
@@ -189,6 +199,19 @@ def bench_loss(n, c, fns, ctx, own):
 PAPER_TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "stl10": 5_000,
                       "tinyimagenet": 100_000, "imagenet": 1_281_167, "voc": 1_464,
                       "ade20k": 20_210, "cocostuff": 118_287}
+
+def compiled():
+    """What torch.compile did in this process: dynamo's graphs, graph breaks (their reasons'
+    first lines) and each compiled frame with its recompile reason (None: the first compile)."""
+    from torch._dynamo.utils import counters, get_compilation_metrics
+    frames = [(f"{m.co_name} ({os.path.basename(m.co_filename or '?')}:{m.co_firstlineno})",
+               getattr(m, "recompile_reason", None)) for m in get_compilation_metrics()
+              if getattr(m, "is_forward", True) is not False]  # a backward is no frame of its own
+    return {"unique_graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "recompiles": sum(why is not None for _, why in frames),
+            "break_reasons": sorted({r.strip().split("\n")[0] for r in counters["graph_break"]}),
+            "frames": frames}
 
 def paper_units(rows, args, ctx):
     """Table 5's units: forward MACs per batch, seconds per epoch of the paper's training set (from
@@ -225,7 +248,7 @@ def method_lines(res):
     ce, g = res["methods"]["ce"], res["methods"]["grpo"]
     mfu = " | ".join(f"{m} {100 * r['mfu']:.1f}%" for m, r in res["methods"].items() if r["mfu"])
     flops = g["flops_per_step"] / ce["flops_per_step"]
-    return report.bench_table([res])[2:-1] + [
+    return report.bench_table([res], [])[2:-1] + [
         f"grpo/ce: time x{g['time_ratio']:.3f}, FLOPs x{flops:.3f}; θ_old's forward alone "
         f"{g['old_forward_ms']:.1f} ms; img/s ce {ce['img_per_s']:.0f}, grpo {g['img_per_s']:.0f}"
         + (f"; MFU {mfu}" if mfu else "")]
@@ -263,7 +286,7 @@ def bench(args, own, ctx):
     cfg = {**vars(args), "no_sdpa": False}  # report.py's Table 5 reads it; the flag is gone
     result = {"config": cfg, "bench": vars(own), "device": device_name(ctx),
               "world_size": ctx.world, "torch": torch.__version__, "methods": rows, "loss": loss,
-              "loss_compiled": fast, "date": time.strftime("%Y-%m-%d")}
+              "loss_compiled": fast, "compiled": compiled(), "date": time.strftime("%Y-%m-%d")}
     name = (f"bench-{args.task}-{args.dataset}-{args.model}-{args.img_size}px-b{args.batch_size}-"
             f"w{ctx.world}{'-compile' if args.compile else ''}.json")
     return write(args, ctx, name, result, method_lines(result) + loss_lines([loss], fast))
@@ -275,7 +298,7 @@ def loss_only(args, own, ctx):
     result = {"config": vars(args), "bench": vars(own), "device": device_name(ctx),
               "world_size": ctx.world, "torch": torch.__version__, "threads":
               torch.get_num_threads(), "loss_compiled": fast, "losses": losses,
-              "date": time.strftime("%Y-%m-%d")}
+              "compiled": compiled(), "date": time.strftime("%Y-%m-%d")}
     name = (f"loss-{ctx.device.type}-{losses[0]['dtype']}-"
             + "-".join(f"{n}x{c}" for n, c in own.loss_only) + ".json")
     head = [f"loss alone, forward + backward, on {result['device']} ({result['threads']} threads)"]

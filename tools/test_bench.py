@@ -33,7 +33,7 @@ def test_bench_smoke(hub, tmp_path):
     L = res["loss"]
     assert (L["n"], L["c"]) == (4 * 8 * 8, 21)  # the loss's samples: every pixel of the batch
     [path] = tmp_path.glob("bench-seg-voc-dinov2_vitt_test-16px-b4-w1.json")
-    rows = report.bench_table([json.loads(path.read_text())])
+    rows = report.bench_table([json.loads(path.read_text())], [])
     assert any(r.startswith("| voc | dinov2_vitt_test | 16 px, batch 4, fp32 | cpu × 1 | grpo |")
                and f"x{grpo['time_ratio']:.3f}" in r for r in rows)
 
