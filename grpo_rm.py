@@ -7,7 +7,6 @@ Top to bottom: the method, model, data, training, evaluation, main, config. "Eq.
 paper; "Open in the paper:" marks a point it leaves open and says what is done here."""
 import argparse
 import copy
-import contextlib
 import datetime
 import errno
 import functools
@@ -255,26 +254,22 @@ def with_download(root, what, get, hint=None, url=None):
         raise UserError(f"--data-dir {root}: no {what} there, and downloading {url} failed "
                         f"({type(e).__name__}: {e}); offline, put its files there") from None
 
-def torchvision_set(cls, **splits):
+def torchvision_set(cls, splits, root, split, transform):
     """CIFAR-10/100, STL-10: torchvision's, downloaded when missing."""
-    def build(root, split, transform):
-        get = lambda d: cls(root, download=d, transform=transform, **splits[split])
-        return with_download(root, cls.__name__, get, url=cls.url)
-    return build
+    get = lambda d: cls(root, download=d, transform=transform, **splits[split])
+    return with_download(root, cls.__name__, get, url=cls.url)
 
-def image_folder(prepare=None):
+def image_folder(prepare, root, split, transform):
     """train/, val/ or test/: a folder a class. Open in the paper: ImageNet's layout; this one."""
-    def build(root, split, transform):
-        subs = ["train"] if split == "train" else ["val", "test"]  # ImageNet's test/: no labels
-        for path in [os.path.join(root, sub) for sub in subs]:
-            if os.path.isdir(path):
-                try:
-                    return torchvision.datasets.ImageFolder(path, transform, loader=read_image)
-                except (FileNotFoundError, RuntimeError) as e:
-                    raise UserError(f"--data-dir {root}: {e}") from None
-        hint = "; " + PREPARE.format(prepare, root) if prepare else ""
-        raise UserError(f"--data-dir {root}: no {' or '.join(s + '/' for s in subs)}{hint}")
-    return build
+    subs = ["train"] if split == "train" else ["val", "test"]  # ImageNet's test/: no labels
+    for path in [os.path.join(root, sub) for sub in subs]:
+        if os.path.isdir(path):
+            try:
+                return torchvision.datasets.ImageFolder(path, transform, loader=read_image)
+            except (FileNotFoundError, RuntimeError) as e:
+                raise UserError(f"--data-dir {root}: {e}") from None
+    hint = "; " + PREPARE.format(prepare, root) if prepare else ""
+    raise UserError(f"--data-dir {root}: no {' or '.join(s + '/' for s in subs)}{hint}")
 
 def resize_labels(y, size):
     """(B, H, W) label maps -> (B, size, size) by nearest neighbour: never blends two class ids."""
@@ -290,8 +285,6 @@ class SegFiles(torchvision.datasets.VOCSegmentation):
     def __getitem__(self, i):
         img = tv_tensors.Image(v2.functional.pil_to_tensor(read_image(self.images[i])))
         label = np.array(read_image(self.masks[i], None))  # (H, W) uint8: the classes
-        if label.ndim != 2 or label.dtype != np.uint8:
-            raise UserError(f"{self.masks[i]}: mask must be a single-channel 8-bit PNG")
         bad = (label >= self.num_classes) & (label != IGNORE)
         if bad.any():
             raise UserError(f"{self.masks[i]}: label value {label[bad][0]} is not a class in [0, "
@@ -300,32 +293,31 @@ class SegFiles(torchvision.datasets.VOCSegmentation):
         img, mask = self.transform(img, mask)  # one draw of crop and flip for both
         return img, mask[0]
 
-def voc(download=False, prepare=None):
+def voc(download, prepare, root, split, transform, c):
     """VOC (downloaded); ADE20k, COCO-stuff as tools/prepare_data.py leaves them; any VOC layout."""
-    def build(root, split, transform, c):
-        get = lambda d: SegFiles(root, "train" if split == "train" else "val", d, c, transform)
-        hint = PREPARE.format(prepare, root) if prepare else "put it there"
-        url = torchvision.datasets.voc.DATASET_YEAR_DICT["2012"]["url"]
-        return with_download(root, "VOCdevkit/VOC2012", get, None if download else hint, url)
-    return build
+    get = lambda d: SegFiles(root, "train" if split == "train" else "val", d, c, transform)
+    hint = PREPARE.format(prepare, root) if prepare else "put it there"
+    url = torchvision.datasets.voc.DATASET_YEAR_DICT["2012"]["url"]
+    return with_download(root, "VOCdevkit/VOC2012", get, None if download else hint, url)
 
 # A dataset: task, build(root, split, transform[, num_classes]), the paper's class count (0: from
 # the data), native side (0: unknown), background: class 0 gets the penalty (Open in the paper).
 Spec = namedtuple("Spec", "task build classes native background", defaults=(0, 0, False))
 
+TV, P = torchvision.datasets, functools.partial
 CIFAR = dict(train={"train": True}, test={"train": False})
-STL = dict(train={"split": "train"}, test={"split": "test"})
 DATASETS = {
-    "cifar10": Spec("cls", torchvision_set(torchvision.datasets.CIFAR10, **CIFAR), 10, 32),
-    "cifar100": Spec("cls", torchvision_set(torchvision.datasets.CIFAR100, **CIFAR), 100, 32),
-    "stl10": Spec("cls", torchvision_set(torchvision.datasets.STL10, **STL), 10, 96),
-    "tinyimagenet": Spec("cls", image_folder("tinyimagenet"), 200, 64),
-    "imagenet": Spec("cls", image_folder(), 1000),  # not downloaded: its licence
-    "imagefolder": Spec("cls", image_folder()),  # any image folder; classes from its folders
-    "voc": Spec("seg", voc(download=True), 21, background=True),  # ADE20k's class 0 is wall
-    "ade20k": Spec("seg", voc(prepare="ade20k"), 150),
-    "cocostuff": Spec("seg", voc(prepare="cocostuff"), 171),
-    "vocfolder": Spec("seg", voc()),  # any VOC layout, with --num-classes
+    "cifar10": Spec("cls", P(torchvision_set, TV.CIFAR10, CIFAR), 10, 32),
+    "cifar100": Spec("cls", P(torchvision_set, TV.CIFAR100, CIFAR), 100, 32),
+    "stl10": Spec("cls", P(torchvision_set, TV.STL10, dict(train={"split": "train"},
+                                                           test={"split": "test"})), 10, 96),
+    "tinyimagenet": Spec("cls", P(image_folder, "tinyimagenet"), 200, 64),
+    "imagenet": Spec("cls", P(image_folder, None), 1000),  # not downloaded: its licence
+    "imagefolder": Spec("cls", P(image_folder, None)),  # any image folder; classes from its folders
+    "voc": Spec("seg", P(voc, True, None), 21, background=True),  # ADE20k's class 0 is wall
+    "ade20k": Spec("seg", P(voc, False, "ade20k"), 150),
+    "cocostuff": Spec("seg", P(voc, False, "cocostuff"), 171),
+    "vocfolder": Spec("seg", P(voc, False, None)),  # any VOC layout, with --num-classes
 }
 
 def default_img_size(spec, patch):
@@ -480,8 +472,7 @@ def train_step(model, old, opt, loss_fn, x, y, seg=False, dtype=torch.float32, w
     loss.backward()
     gnorm = nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], math.inf)  # measures only
     opt.step()
-    row = [loss.detach().float(), gnorm.float()]
-    return torch.stack(row + ([] if diag is None else list(diag.float())))
+    return torch.stack([loss.detach().float(), gnorm.float(), *([] if diag is None else diag.float())])
 
 def train(args, ctx, net, train_set, run_dir):
     """Algorithm 1 (ce: fine-tuning) -> the history (None: stopped early); rank 0 writes the log."""
@@ -571,7 +562,7 @@ def log_rows(hist, epoch, per_epoch):
 
 def append_log(path, rows, mode="a"):
     """metrics.jsonl: a JSON object a line, on disk at once (tail -f shows it; a crash keeps it)."""
-    with writing(path), open(path, mode) as f:
+    with open(path, mode) as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 def progress(hist, epoch, epochs, per_epoch, t0, n_images):
@@ -589,23 +580,11 @@ def progress(hist, epoch, epochs, per_epoch, t0, n_images):
 class RunStopped(UserError):
     """Stopped early (a signal, a non-finite loss, a full disk): exit code 3; --resume goes on."""
 
-@contextlib.contextmanager
-def writing(path):
-    """A full disk, where path is written, as one line (torch.save wraps the OSError it gets)."""
-    try:
-        yield
-    except (OSError, RuntimeError) as e:
-        cause = e if isinstance(e, OSError) else e.__context__
-        if getattr(cause, "errno", None) not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise RunStopped(f"{path}: no space left on its disk; free some, then rerun with "
-                         "--resume") from None
-
 def atomic_save(path, write):
     """A temp file, fsync, rename: never a half-written file, nor a temp file left behind."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with writing(path), open(tmp, "wb") as f:
+        with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -849,7 +828,7 @@ def run(args, ctx):
         torch.cuda.reset_peak_memory_stats()
     metrics = evaluate(args, ctx, net, train_eval, test, num_classes, run_dir)
     result = {"metrics": metrics, **hist, "eval_seconds": time.time() - t0, "config": vars(args),
-              "peak_memory_gb": peak,
+              "peak_memory_gb": peak, "device": torch.cuda.get_device_name() if cuda else "cpu",
               "eval_peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
     return finish(run_dir, net, result, ctx, save_backbone=args.method != "frozen"), net
 
@@ -878,8 +857,7 @@ def evaluate(args, ctx, net, train_eval, test, num_classes, run_dir):
 
 def finish(run_dir, net, result, ctx, save_backbone=True):
     """backbone.pt (for --weights), then result.json: a result on disk means a finished run."""
-    device = torch.cuda.get_device_name() if ctx.device.type == "cuda" else "cpu"
-    result |= {"world_size": ctx.world, "torch": torch.__version__, "device": device,
+    result |= {"world_size": ctx.world, "torch": torch.__version__,
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     if save_backbone:
         atomic_save(os.path.join(run_dir, "backbone.pt"),
@@ -933,18 +911,15 @@ def make_parser():
     a("--method", choices=["grpo", "ce", "frozen"], default="grpo", help="ce: fine-tuning")
     a("--model", default="dinov2_vits14", help="dinov2_vit{s,b,l,g}14[_reg], dinov3_vit*16*")
     a("--hub-repo", help="GitHub owner/name[:ref], or a local clone; default: the model's, pinned")
-    a("--hub-kwargs", type=json.loads, default="{}",
-      help='the entry point\'s: {"pretrained": false}, DINOv3\'s {"weights": PATH_OR_URL}')
+    a("--hub-kwargs", type=json.loads, default="{}", help='e.g. DINOv3\'s {"weights": PATH_OR_URL}')
     a("--weights", help="local state dict of the backbone (offline use); strict load")
     a("--uniformity", choices=sorted(UNIFORMITY), default="eq4", help="Table 6 ablation")
     a("--clip-eps", type=FRACTION, default=0.2, help="ε of Eq. (1)")
     a("--background-penalty", action=on_off, help="seg: r_0 -= c/2 after Eq. (6); default: voc")
-    a("--dual-clip", type=number(float, 1, low_open=True), metavar="C",
-      help="not in the paper: bound the terms of A < 0 below by C·A (dual-clip PPO uses 3)")
-    a("--kl-coef", type=number(float, 0), metavar="k",
-      help="not in the paper: + k·KL(π_θold‖π_θ); 0: off")
-    a("--old-every", type=POS_INT, metavar="K",
-      help="not in the paper: refresh θ_old every K steps (default: once an epoch, Algorithm 1)")
+    a("--dual-clip", type=number(float, 1, low_open=True), metavar="C", help="not in the paper: "
+      "bound the terms of A < 0 below by C·A (dual-clip PPO uses 3)")
+    a("--kl-coef", type=number(float, 0), metavar="k", help="not in the paper: + k·KL(π_θold‖π_θ)")
+    a("--old-every", type=POS_INT, metavar="K", help="not in the paper: θ_old <- θ every K steps")
     a("--epochs", type=POS_INT, default=100, help="post-training epochs")
     a("--batch-size", type=POS_INT, help="global batch m; default 1024 (cls), 256 (seg)")
     a("--lr", type=POS_FLOAT, help="lr per 256 images, cosine to lr/100; default 1e-3, seg 1e-5")
@@ -1046,9 +1021,14 @@ def cli(argv=None):
     try:
         main(argv)
     except Exception as e:
-        if STOPPED and not isinstance(e, UserError):  # the stop broke a collective or a write
+        full = e if isinstance(e, OSError) else e.__context__  # torch.save wraps the OSError
+        if isinstance(e, UserError):
+            pass
+        elif STOPPED:  # the stop signal broke a collective or a write
             e = STOPPED[0]
-        if not isinstance(e, UserError):
+        elif getattr(full, "errno", None) in (errno.ENOSPC, errno.EDQUOT):  # a full disk
+            e = RunStopped(f"{full.strerror}: free space where --out is, then rerun with --resume")
+        else:
             raise
         quiet = isinstance(e, Relayed) or (isinstance(e, RunStopped) and rank > 0)
         if not quiet:  # under torchrun rank 0's error is one line, not one a rank
