@@ -1,10 +1,8 @@
 """GRPO-RM: Fine-Tuning Representation Models via GRPO-Driven Reinforcement Learning.
 
-A reference implementation of Xu, Jiao, Zhang & Li, arXiv 2511.15256: DINOv2 (or DINOv3)
-post-trained with GRPO-RM (--method grpo), fine-tuned (ce) or left as it is (frozen), then frozen
-and evaluated with a fresh head: softmax regression (SR) and kNN, or pixel accuracy / IoU / mIoU.
-Top to bottom: the method, model, data, training, evaluation, main, config. "Eq. (n)" cites the
-paper; "Open in the paper:" marks a point it leaves open and says what is done here."""
+Xu, Jiao, Zhang & Li, arXiv 2511.15256: DINOv2 or DINOv3 post-trained with GRPO-RM (--method grpo),
+fine-tuned (ce) or not (frozen), then evaluated frozen: SR and kNN, or pixel accuracy / IoU / mIoU.
+"Eq. (n)" cites the paper; "Open in the paper:" marks a point it leaves open, and what is done."""
 import argparse
 import copy
 import datetime
@@ -64,9 +62,8 @@ def advantages(r, eps=1e-4):
 def grpo_rm_loss(logits, old_logits, labels, clip_eps=0.2, uniformity="eq4",
                  background_penalty=False, ignore_index=-100, dual_clip=None, kl_coef=None,
                  with_diagnostics=False):
-    """-J(θ) of Eq. (1), β = 0: the group is the c classes, π_θ(o_i|q) = softmax(logits)_i; logits,
-    old_logits (N, c), labels (N,), the mean over those not ignore_index. Not in the paper, off by
-    default: dual_clip=C bounds terms of A < 0 below by C·A; kl_coef=k adds k·KL(π_θold || π_θ)."""
+    """-J(θ) of Eq. (1), β = 0: the group is the c classes of each labelled row of logits (N, c).
+    Not in the paper, off by default: dual_clip=C bounds A < 0 terms by C·A; kl_coef=k adds k·KL."""
     keep = labels != ignore_index  # (N,)
     y = labels.masked_fill(~keep, 0)
     dtype = torch.promote_types(logits.dtype, torch.float32)  # float32 under bf16 autocast
@@ -123,7 +120,7 @@ def refresh_old(old, model):
 # Model: DINOv2 or DINOv3 from torch.hub, the classification head and the segmentation head
 HUB_REPOS = {"dinov2": "facebookresearch/dinov2:b8931f7bf91576930313be2c6d6af376033b35f0",
              "dinov3": "facebookresearch/dinov3:6876159"}  # the commits tested, not main
-HUB_TIMEOUT_S = 30  # the longest torch.hub waits on one network read (a firewall may drop packets)
+HUB_TIMEOUT_S = 30  # the longest a download waits on one read (a firewall may drop packets)
 
 class UserError(Exception):
     """Bad input: printed as one line that names the flag or file, exit code 2, no traceback."""
@@ -136,8 +133,6 @@ def load_backbone(hub_repo, name, weights=None, hub_kwargs=None):
         raise UserError(f"--hub-repo {hub_repo}: no such folder, nor a GitHub owner/name[:ref]")
     # torch.hub takes a commit only if it heads a branch or tag, unless validation is skipped
     pinned = re.fullmatch("[0-9a-f]{7,40}", hub_repo.rsplit(":", 1)[-1]) is not None
-    default_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(HUB_TIMEOUT_S)  # urllib's reads would otherwise wait without end
     try:
         model = torch.hub.load(hub_repo, name, source=source, trust_repo=True,
                                skip_validation=pinned, **kwargs)
@@ -151,8 +146,6 @@ def load_backbone(hub_repo, name, weights=None, hub_kwargs=None):
         raise UserError(f"--hub-repo {hub_repo} --model {name}: loading failed ({type(e).__name__}"
                         f": {' '.join(str(e).split())[:300]}); offline: git clone the repository,"
                         " then --hub-repo DIR --weights FILE") from None
-    finally:
-        socket.setdefaulttimeout(default_timeout)
     if weights:
         try:
             model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
@@ -163,7 +156,6 @@ def load_backbone(hub_repo, name, weights=None, hub_kwargs=None):
 
 class SegHead(nn.Module):
     """Tokens (B, D, h, w) -> upsampled to size (4.2: 128) -> 2 per-pixel layers -> (B, c, S, S)."""
-
     def __init__(self, in_dim, hidden, num_classes, size):
         super().__init__()
         self.size, self.proj = size, nn.Linear(in_dim, hidden)
@@ -179,7 +171,6 @@ class SegHead(nn.Module):
 
 class Net(nn.Module):
     """The post-trained model π_θ: backbone + task head. features() is what evaluation freezes."""
-
     def __init__(self, backbone, head, task):
         super().__init__()
         self.backbone, self.head, self.task = backbone, head, task
@@ -223,16 +214,14 @@ def ignore_stops(worker_id=None):
         signal.signal(s, signal.SIG_IGN)
 
 def cls_transform(img_size, augment):
-    # Open in the paper: augmentation. Here the lightest standard one: resize the shorter side,
-    # crop (random when augmenting, else the centre; a no-op for square images), random flip.
+    # Open in the paper: augmentation. The lightest: resize, crop (centre: evaluation), flip.
     geo = [v2.RandomCrop(img_size), v2.RandomHorizontalFlip()]
     geo = geo if augment else [v2.CenterCrop(img_size)]
     return v2.Compose([v2.ToImage(), v2.Resize(img_size, interpolation=BICUBIC), *geo,
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 def seg_transform(img_size, augment):
-    # Open in the paper: augmentation, and the evaluation's resolution. One random resized crop
-    # and flip for image and mask alike (a Mask: nearest neighbour); evaluation at the input size.
+    # Open in the paper: augmentation. One crop and flip for image and mask (nearest neighbour).
     size = (img_size, img_size)
     geo = [v2.RandomResizedCrop(size, scale=(0.5, 1.0)), v2.RandomHorizontalFlip()]
     geo = geo if augment else [v2.Resize(size)]
@@ -246,8 +235,6 @@ def with_download(root, what, get, hint=None, url=None):
     except RuntimeError:  # torchvision: "Dataset not found or corrupted": downloaded below
         if hint:
             raise UserError(f"--data-dir {root}: no {what} there; {hint}") from None
-    except OSError as e:  # there, but incomplete: a split list is missing
-        raise UserError(f"--data-dir {root}: {e}") from None
     try:
         return get(True)
     except Exception as e:
@@ -277,7 +264,6 @@ def resize_labels(y, size):
 
 class SegFiles(torchvision.datasets.VOCSegmentation):
     """VOC 2012's layout -> (image (3, S, S), labels (S, S)); 8-bit masks, IGNORE unlabelled."""
-
     def __init__(self, root, image_set, download, num_classes, transform):
         super().__init__(root, "2012", image_set, download=download)
         self.num_classes, self.transform = num_classes, transform
@@ -300,8 +286,7 @@ def voc(download, prepare, root, split, transform, c):
     url = torchvision.datasets.voc.DATASET_YEAR_DICT["2012"]["url"]
     return with_download(root, "VOCdevkit/VOC2012", get, None if download else hint, url)
 
-# A dataset: task, build(root, split, transform[, num_classes]), the paper's class count (0: from
-# the data), native side (0: unknown), background: class 0 gets the penalty (Open in the paper).
+# build(root, split, transform[, c]); classes, native side: 0 unknown; background: class 0's penalty
 Spec = namedtuple("Spec", "task build classes native background", defaults=(0, 0, False))
 
 TV, P = torchvision.datasets, functools.partial
@@ -321,17 +306,14 @@ DATASETS = {
 }
 
 def default_img_size(spec, patch):
-    """Open in the paper: the input sizes. Table 5's FLOPs fit the native sides rounded up to
-    ViT-S/14's patch: CIFAR 3 × 3 patches, STL-10 7 × 7, Tiny-ImageNet 5 × 5 (42, 98, 70 px). Other
-    patches keep those tokens, never below the native side (patch 16: 48, 112, 80; patch 8: 32, 96,
-    64). Else 224; segmentation 448."""
+    """Open in the paper: input sizes. Table 5's FLOPs fit CIFAR, STL-10, Tiny-ImageNet at 3, 7, 5
+    patches a side (ViT-S/14: 42, 98, 70 px), never below native (patch 8). Else 224, seg 448."""
     if spec.native:
         return max(math.ceil(spec.native / 14), math.ceil(spec.native / patch)) * patch
     return 448 if spec.task == "seg" else 224
 
 def build_data(args, ctx):
-    """-> (num_classes, post-training set, evaluation's train and test sets). Every file is decoded
-    once first (a bad one found later would cost the run): about an epoch's reading."""
+    """-> (num_classes, post-training, evaluation's train and test sets); every file read first."""
     spec, root, seg = DATASETS[args.dataset], args.data_dir, args.task == "seg"
     num_classes = args.num_classes or spec.classes
     def make(split, augment):
@@ -384,11 +366,9 @@ def setup(device, dtype, backend=None):
     backend = backend or ("nccl" if device == "cuda" else "gloo")
     dev = torch.device("cpu")
     if device == "cuda":
-        gpus = torch.cuda.device_count()
-        if backend == "nccl" and local >= gpus:
-            raise UserError(f"--nproc_per_node: more processes than the {gpus} GPUs; NCCL needs "
-                            "one GPU each (--dist-backend gloo shares them)")
-        dev = torch.device("cuda", local % gpus)
+        if backend == "nccl" and local >= torch.cuda.device_count():
+            raise UserError("--nproc_per_node: more processes than GPUs (NCCL needs one each)")
+        dev = torch.device("cuda", local % torch.cuda.device_count())  # gloo may share one
         torch.cuda.set_device(dev)
         # Open in the paper: TF32. Matrix products under --dtype fp32 use TF32 on GPUs that have it.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -398,26 +378,21 @@ def setup(device, dtype, backend=None):
     wait_group = dist.new_group(backend="gloo", timeout=long_wait) if world > 1 else None
     return Ctx(rank, world, dev, torch.bfloat16 if dtype == "bf16" else torch.float32, wait_group)
 
-class Relayed(UserError):
-    """Rank 0's error, raised on the other ranks so that they stop too; rank 0 reports it."""
-
 def agree(ctx, fn):
     """fn() on every rank; if it fails on one, all stop, and rank 0 alone says the first failure
     (a crash keeps its traceback): the others learn of it here, not from a closed socket."""
-    out, error = None, None
     try:
-        out = fn()
+        out, error = fn(), None
     except Exception as e:  # a bad input (UserError) or a crash: the others must not wait
-        error = e
+        out, error = None, e
     said = [None if error is None else str(error)] * ctx.world
     if ctx.world > 1:  # over the gloo group: NCCL's watchdog would end a long wait
         dist.all_gather_object(said, said[ctx.rank], group=ctx.wait_group)
-    first = next((m for m in said if m is not None), None)
-    if first is None:
-        return out
     if error is not None and (ctx.rank == 0 or not isinstance(error, UserError)):
         raise error
-    raise (UserError if ctx.rank == 0 else Relayed)(first)
+    if any(m is not None for m in said):
+        raise UserError(next(m for m in said if m is not None))
+    return out
 
 def rank0_first(ctx, fn, alone=False):
     """fn() on rank 0 (a download, the hub cache), then, unless alone, on the others."""
@@ -427,8 +402,7 @@ def rank0_first(ctx, fn, alone=False):
 LOSS_FLAGS = ("clip_eps", "uniformity", "background_penalty", "dual_clip", "kl_coef")
 
 def make_loss(method, ignore_index, compile=False, **options):
-    """fn(logits, old logits, labels) -> (loss, diagnostics): -J of Eq. (1) (options: LOSS_FLAGS) or
-    cross-entropy. Compiled (one dynamic graph), the loss keeps a third of its eager memory."""
+    """fn(logits, old logits, labels) -> (loss, diagnostics): -J (LOSS_FLAGS) or cross-entropy."""
     def cross_entropy(z, z_old, y):  # the mean over the labelled samples, 0 if there are none
         loss = F.cross_entropy(z.float(), y, ignore_index=ignore_index, reduction="sum")
         return loss / (y != ignore_index).sum().clamp(min=1), None
@@ -472,7 +446,8 @@ def train_step(model, old, opt, loss_fn, x, y, seg=False, dtype=torch.float32, w
     loss.backward()
     gnorm = nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], math.inf)  # measures only
     opt.step()
-    return torch.stack([loss.detach().float(), gnorm.float(), *([] if diag is None else diag.float())])
+    diag = [] if diag is None else diag.float()
+    return torch.stack([loss.detach().float(), gnorm.float(), *diag])
 
 def train(args, ctx, net, train_set, run_dir):
     """Algorithm 1 (ce: fine-tuning) -> the history (None: stopped early); rank 0 writes the log."""
@@ -593,8 +568,7 @@ def atomic_save(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
 
-# Flags that do not change what a run computes, and those that change its evaluation only: both
-# may change on --resume; a finished run is reused under other LOGISTICS only.
+# Flags that do not change what a run computes, and its evaluation's: both may change on --resume
 LOGISTICS = {"out", "name", "resume", "force", "stop_after_epoch", "log_every", "eval_memory_gb",
              "compile", "dist_backend"}
 RESUMABLE = LOGISTICS | {"save_vis", "eval_epochs", "eval_lr", "feature_type", "ms_scales"}
@@ -627,9 +601,8 @@ def load_checkpoint(path, config, world, net, old, opt, sched):
 @torch.no_grad()
 def extract(features, loader, device, dtype=torch.float32, spill=None, memory_gb=8.0,
             label_size=None):
-    """One pass of features (a frozen model: (B, 3, H, W) -> (B, ...)) over a loader of (image,
-    label) -> (features, labels resized to label_size), kept on the host in the autocast dtype for
-    every epoch of a head; beyond memory_gb, memory-mapped from files in spill (COCO-stuff)."""
+    """A frozen model's features over a loader -> (features, labels at label_size) on the host in
+    dtype; beyond memory_gb, memory-mapped from files in spill (COCO-stuff at 448 px)."""
     feats = labels = None
     i, n, t0 = 0, len(loader.dataset), time.time()
     for b, (x, y) in enumerate(loader):
@@ -678,12 +651,10 @@ def fit_head(head, feats, labels, epochs, batch_size, lr, device, dtype=torch.fl
     return head.eval()
 
 def knn_predict(train_feats, train_labels, test_feats, k=5, chunk=1024):
-    """kNN vote on cosine similarity (L2-normalised features): the majority of the k nearest; a
-    tie goes to the tied class whose member is nearest. Open in the paper: all but k = 5."""
+    """Cosine kNN: the k nearest's majority, ties to the nearest. Open in the paper: all but k."""
     train = F.normalize(train_feats.float(), dim=1)  # (N, D)
     k, c = min(k, len(train)), int(train_labels.max()) + 1
-    # A vote is 1 + 2^-(j+1) for the j-th nearest: the extras sum to less than 1, and the nearest
-    # member's outweighs all farther ones', so they break ties and nothing else.
+    # The j-th nearest votes 1 + 2^-(j+1): the extras sum below 1 and only break ties, nearest first
     weight = 1 + 0.5 ** torch.arange(1, k + 1, device=train.device)  # (k,)
     preds = []
     for q in F.normalize(test_feats.float(), dim=1).split(chunk):  # (q, D)
@@ -699,9 +670,8 @@ def confusion_matrix(pred, target, num_classes, ignore_index=IGNORE):
     return torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 def segmentation_metrics(conf):
-    """Pixel accuracy, IoU and mIoU (%) from one confusion matrix. Open in the paper: "IoU". Here
-    the frequency-weighted IoU, Σ_c freq_c IoU_c (true frequencies): the paper's IoU is always far
-    above its mIoU (87.0 vs 66.8 on VOC), which fits. mIoU: over classes in truth or prediction."""
+    """Pixel accuracy, IoU, mIoU (%). Open in the paper: "IoU"; here Σ_c freq_c IoU_c (true freq.),
+    as its IoU is always far above its mIoU (87.0, 66.8 on VOC). mIoU: classes in truth or pred."""
     conf = conf.double()
     tp, gt, pr = conf.diag(), conf.sum(1), conf.sum(0)
     union = gt + pr - tp
@@ -726,8 +696,7 @@ def evaluate_cls(net, train_loader, test_loader, num_classes, device, dtype=torc
 
 @torch.no_grad()
 def predict_seg(net, head, x, seg_size, ms_scales=(), dtype=torch.float32):
-    """Class probabilities (B, c, H, W) at the input size: "linear" (no ms_scales) the last layer
-    at scale 1, "ms" the 4-layer head averaged over scales and flips, as in DINOv2's evaluation."""
+    """Probabilities (B, c, H, W): "linear" (no ms_scales) or "ms", DINOv2's scales and flips."""
     (H, W), p = x.shape[-2:], net.backbone.patch_size
     views = [(s, flip) for s in ms_scales for flip in (False, True)] or [(1, False)]
     probs = 0
@@ -744,9 +713,8 @@ def predict_seg(net, head, x, seg_size, ms_scales=(), dtype=torch.float32):
 def evaluate_seg(net, train_loader, test_loader, num_classes, hidden, seg_size, device,
                  dtype=torch.float32, feature_types=("linear",), ms_scales=(1, 1.32, 1.73, 2.28, 3),
                  save_vis=0, spill=None, memory_gb=8.0, **fit):
-    """-> ({feature type: {"pixel_acc", "iou", "miou", "labelled_pixels"}}, None or save_vis test
-    images spread evenly: uint8 {"image", "truth", "pred"}, "index"). A fresh SegHead per feature
-    type; fit: evaluate_cls's. test_loader: small batches (16 at 448 px, c = 150: 1.9 GB)."""
+    """-> ({feature type: metrics}, None or save_vis test images spread evenly: uint8 "image",
+    "truth", "pred", "index"); a fresh SegHead per type. test_loader: small batches (16: 1.9 GB)."""
     D, n_layers = net.backbone.embed_dim, 4 if "ms" in feature_types else 1
     tr_f, tr_y = extract(functools.partial(net.features, n_layers=n_layers), train_loader,
                          device, dtype, spill, memory_gb, seg_size)
@@ -761,10 +729,8 @@ def evaluate_seg(net, train_loader, test_loader, num_classes, hidden, seg_size, 
     conf = {ft: torch.zeros(num_classes, num_classes, dtype=torch.long) for ft in heads}
     n = len(test_loader.dataset)  # Figure 2's material: evenly spaced (not one scene's frames)
     picks = torch.linspace(0, n - 1, save_vis).round().long().unique() if save_vis else []
-    shown, i, t0 = [], 0, time.time()
-    for b, (x, y) in enumerate(test_loader):
-        if b % max(1, len(test_loader) // 5) == 0 and i:  # multi-scale: 10 passes an image
-            say_progress("test predictions", i, n, "images", t0)
+    shown, i = [], 0
+    for x, y in test_loader:
         preds = {ft: predict_seg(net, h, x.to(device), seg_size, ms_scales if ft == "ms" else (),
                                  dtype).argmax(1).cpu() for ft, h in heads.items()}  # (B, H, W)
         for ft, pred in preds.items():
@@ -834,8 +800,7 @@ def run(args, ctx):
 
 def evaluate(args, ctx, net, train_eval, test, num_classes, run_dir):
     """The frozen post-trained backbone under a fresh head -> metrics; vis.pt with --save-vis."""
-    print(f"evaluating: features of {len(train_eval)} + {len(test)} images, then "
-          f"{args.eval_epochs} epochs of a fresh head", flush=True)
+    print(f"evaluating: {len(train_eval)} + {len(test)} images, {args.eval_epochs} epochs")
     loader = functools.partial(DataLoader, num_workers=args.workers,
                                pin_memory=ctx.device.type == "cuda", worker_init_fn=ignore_stops)
     fit = dict(epochs=args.eval_epochs, batch_size=args.batch_size, lr=args.eval_lr, seed=args.seed)
@@ -886,11 +851,7 @@ def number(kind, low, high=math.inf, low_open=False):
 POS_INT, POS_FLOAT = number(int, 1), number(float, 0, low_open=True)  # argparse types
 FRACTION = number(float, 0, 1, low_open=True)  # --clip-eps, --subset
 
-EXAMPLES = """examples:
-  python3 grpo_rm.py --dataset cifar10 --data-dir data/cifar10 --epochs 5 --subset 0.1
-  torchrun --nproc_per_node=4 grpo_rm.py --task seg --dataset voc --data-dir data/voc"""
-
-class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class Help(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # no "(default: None)" after a task-dependent default
         return action.help if action.default is None else super()._get_help_string(action)
 
@@ -902,7 +863,7 @@ class Parser(argparse.ArgumentParser):
 
 def make_parser():
     p = Parser(description="GRPO-RM, fine-tuning or frozen DINOv2/DINOv3, evaluated frozen",
-               formatter_class=Help, epilog=EXAMPLES)
+               formatter_class=Help)
     a, on_off = p.add_argument, argparse.BooleanOptionalAction
     a("--task", choices=["cls", "seg"], help="default: the dataset's")
     a("--dataset", choices=sorted(DATASETS), required=True, help="what to post-train on")
@@ -971,8 +932,7 @@ def get_args(argv=None):
         args.background_penalty = spec.background
     args.workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
     if (args.stop_after_epoch or 0) >= args.epochs:
-        p.error(f"argument --stop-after-epoch: {args.stop_after_epoch} is not before --epochs "
-                f"{args.epochs}")
+        p.error(f"argument --stop-after-epoch: {args.stop_after_epoch} >= --epochs {args.epochs}")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -1005,6 +965,7 @@ def stop(signum, _):
 
 def main(argv=None):
     args = get_args(argv)
+    socket.setdefaulttimeout(HUB_TIMEOUT_S)  # torch.hub's and torchvision's reads would wait on
     before = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         return run(args, setup(args.device, args.dtype, args.dist_backend))
@@ -1022,16 +983,14 @@ def cli(argv=None):
         main(argv)
     except Exception as e:
         full = e if isinstance(e, OSError) else e.__context__  # torch.save wraps the OSError
-        if isinstance(e, UserError):
-            pass
-        elif STOPPED:  # the stop signal broke a collective or a write
-            e = STOPPED[0]
-        elif getattr(full, "errno", None) in (errno.ENOSPC, errno.EDQUOT):  # a full disk
-            e = RunStopped(f"{full.strerror}: free space where --out is, then rerun with --resume")
-        else:
-            raise
-        quiet = isinstance(e, Relayed) or (isinstance(e, RunStopped) and rank > 0)
-        if not quiet:  # under torchrun rank 0's error is one line, not one a rank
+        if not isinstance(e, UserError):
+            if STOPPED:  # the stop signal broke a collective or a write
+                e = STOPPED[0]
+            elif getattr(full, "errno", None) in (errno.ENOSPC, errno.EDQUOT):  # a full disk
+                e = RunStopped(f"{full.strerror}: free space at --out, then rerun with --resume")
+            else:
+                raise
+        if rank == 0:  # under torchrun rank 0's error is one line, not one a rank (agree)
             msg = str(e).strip().splitlines()[-1]  # a worker's UserError comes as traceback text
             print(f"error: {msg.split('UserError: ', 1)[-1]}", file=sys.stderr)
         sys.exit(3 if isinstance(e, RunStopped) else 2)
