@@ -562,29 +562,19 @@ def test_hub_errors(hub, tmp_path):
         G.load_backbone(hub, "dinov2_vitt_test", str(tmp_path / "bad.pth"))
 
 
-def test_hub_load_on_a_silent_network_ends_with_the_offline_hint(hub, imagefolder, monkeypatch,
-                                                                  tmp_path):
+def test_hub_load_on_a_silent_network_ends_with_the_offline_hint(hub, imagefolder, tmp_path):
     """A firewall that drops packets (a cluster node) must not leave torch.hub waiting forever."""
     silent = socket.create_server(("127.0.0.1", 0))  # a proxy that accepts and never answers
-    for var in ("https_proxy", "HTTPS_PROXY"):
-        monkeypatch.setenv(var, f"http://127.0.0.1:{silent.getsockname()[1]}")
-    for var in ("no_proxy", "NO_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(G, "HUB_TIMEOUT_S", 0.5)
-    caught = []
-
-    def load():
-        try:
-            G.main(cls_args(hub, imagefolder, tmp_path, "--hub-repo", "no-such-owner-x/no-such-x"))
-        except G.UserError as e:
-            caught.append(str(e))
-    worker = threading.Thread(target=load, daemon=True)
-    worker.start()
-    worker.join(timeout=60)
+    proxy = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+    env.update(https_proxy=proxy, HTTPS_PROXY=proxy, TORCH_HOME=str(tmp_path))
+    argv = cls_args(hub, imagefolder, tmp_path, "--hub-repo", "no-such-owner-x/no-such-x")
+    code = f"import grpo_rm as G; G.HUB_TIMEOUT_S = 0.5; G.cli({argv!r})"
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
+                       timeout=120, env=env)
     silent.close()
-    assert not worker.is_alive() and "offline" in caught[0]
-    socket.setdefaulttimeout(None)
+    assert p.returncode == 2 and "offline" in p.stderr and time.time() - t0 < 60, p.stderr
 
 
 def test_pinned_hub_commit_skips_the_branch_check(monkeypatch):
@@ -995,6 +985,8 @@ def test_smoke_seg(hub, vocfolder, tmp_path, monkeypatch, method, device):
                                   "linear", "ms", "--save-vis", "2", "--device", device))
     for k, p in _trainable(net).items():
         assert not torch.equal(_trainable(seen[0])[k].to(p.device), p), f"{k} did not change"
+    if device == "cuda":  # training's and evaluation's peaks apart
+        assert 0 < result["eval_peak_memory_gb"] and 0 < result["peak_memory_gb"]
     for ft in ("linear", "ms"):
         m = result["metrics"][ft]
         # 4 val masks of 16x16 with one ignored row: 4 * 15 * 16 = 960 labelled pixels, each once
@@ -1123,6 +1115,10 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(hub, imagefolder, tmp_path, m
 def test_finished_run_is_skipped_unless_forced(hub, imagefolder, tmp_path, monkeypatch, capsys):
     argv = cls_args(hub, imagefolder, tmp_path, "--epochs", "1", "--eval-epochs", "1")
     first, _ = G.main(argv)
+    out = capsys.readouterr().out  # the progress: training's ETA, then each evaluation phase's
+    assert "| training ETA 0:00:00" in out and "  SR head: 1/1 epochs, ETA 0:00:00" in out
+    assert re.search(r"\d\.\d{3}", out.splitlines()[-1]) is None, out  # metrics to 2 decimals
+    assert first["eval_peak_memory_gb"] is None and first["peak_memory_gb"] is None  # CPU
     with monkeypatch.context() as m:
         m.setattr(G, "train", lambda *a: pytest.fail("a finished run was trained again"))
         again, net = G.main(argv)
