@@ -232,6 +232,8 @@ def with_download(root, what, get, hint=None, url=None):
     """get(download): a dataset, downloaded from url if missing, unless a hint says how to make."""
     try:
         return get(False)
+    except OSError as e:  # there, but incomplete: a split list is missing
+        raise UserError(f"--data-dir {root}: {e}") from None
     except RuntimeError:  # torchvision: "Dataset not found or corrupted": downloaded below
         if hint:
             raise UserError(f"--data-dir {root}: no {what} there; {hint}") from None
@@ -241,9 +243,10 @@ def with_download(root, what, get, hint=None, url=None):
         raise UserError(f"--data-dir {root}: no {what} there, and downloading {url} failed "
                         f"({type(e).__name__}: {e}); offline, put its files there") from None
 
-def torchvision_set(cls, splits, root, split, transform):
-    """CIFAR-10/100, STL-10: torchvision's, downloaded when missing."""
-    get = lambda d: cls(root, download=d, transform=transform, **splits[split])
+def torchvision_set(cls, root, split, transform):
+    """CIFAR-10/100 (train=bool), STL-10 (split=str): torchvision's, downloaded when missing."""
+    kwargs = {"split": split} if cls is torchvision.datasets.STL10 else {"train": split == "train"}
+    get = lambda d: cls(root, download=d, transform=transform, **kwargs)
     return with_download(root, cls.__name__, get, url=cls.url)
 
 def image_folder(prepare, root, split, transform):
@@ -290,12 +293,10 @@ def voc(download, prepare, root, split, transform, c):
 Spec = namedtuple("Spec", "task build classes native background", defaults=(0, 0, False))
 
 TV, P = torchvision.datasets, functools.partial
-CIFAR = dict(train={"train": True}, test={"train": False})
 DATASETS = {
-    "cifar10": Spec("cls", P(torchvision_set, TV.CIFAR10, CIFAR), 10, 32),
-    "cifar100": Spec("cls", P(torchvision_set, TV.CIFAR100, CIFAR), 100, 32),
-    "stl10": Spec("cls", P(torchvision_set, TV.STL10, dict(train={"split": "train"},
-                                                           test={"split": "test"})), 10, 96),
+    "cifar10": Spec("cls", P(torchvision_set, TV.CIFAR10), 10, 32),
+    "cifar100": Spec("cls", P(torchvision_set, TV.CIFAR100), 100, 32),
+    "stl10": Spec("cls", P(torchvision_set, TV.STL10), 10, 96),
     "tinyimagenet": Spec("cls", P(image_folder, "tinyimagenet"), 200, 64),
     "imagenet": Spec("cls", P(image_folder, None), 1000),  # not downloaded: its licence
     "imagefolder": Spec("cls", P(image_folder, None)),  # any image folder; classes from its folders
@@ -595,9 +596,8 @@ def load_checkpoint(path, config, world, net, old, opt, sched):
     return ckpt["epoch"], ckpt["hist"]
 
 # =============================================================================
-# Evaluation on frozen features: softmax regression (SR), kNN, pixel accuracy / IoU / mIoU. One
-# pass of the frozen backbone over each split, then a fresh head trained on the cached features.
-# Rank 0 evaluates alone, so any world size gives one result: plain values, no process group.
+# Evaluation on frozen features (SR, kNN, pixel accuracy / IoU / mIoU): one backbone pass a split,
+# then a fresh head on the cached features. Rank 0 alone, plain values: one result, any world size.
 @torch.no_grad()
 def extract(features, loader, device, dtype=torch.float32, spill=None, memory_gb=8.0,
             label_size=None):

@@ -722,6 +722,24 @@ def test_data_is_checked_before_training(hub, imagefolder, vocfolder, tmp_path, 
         G.main(cls_args(hub, str(d), tmp_path))
 
 
+def test_an_incomplete_voc_layout_is_one_line(hub, vocfolder, tmp_path):
+    v = tmp_path / "voc"
+    shutil.copytree(vocfolder, v)
+    os.remove(v / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt")
+    with pytest.raises(G.UserError, match=r"--data-dir .*voc: .*val.txt"):  # not a traceback
+        G.main(seg_args(hub, str(v), tmp_path / "out"))
+
+
+@pytest.mark.parametrize("name,kwargs", [("cifar10", {"train": False}),
+                                         ("stl10", {"split": "test"})])
+def test_torchvision_sets_get_their_split(monkeypatch, name, kwargs):
+    seen = {}
+    monkeypatch.setattr(G.DATASETS[name].build.args[0], "__init__",
+                        lambda self, root, download, transform, **kw: seen.update(kw))
+    G.DATASETS[name].build("data", "test", None)
+    assert seen == kwargs
+
+
 def test_training_files_are_read_before_training(hub, imagefolder, vocfolder, tmp_path,
                                                  monkeypatch):
     """A truncated training image or a missing training mask is found before the first step, and
