@@ -1254,7 +1254,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_temp_file(hub, imagefolder, tmp_p
         G.cli(cls_args(hub, imagefolder, tmp_path))
     err = capsys.readouterr().err.splitlines()
     assert stop.value.code == 3 and len(err) == 1, err
-    assert err[0] == ("error: No space left on device: free space where --out is, then rerun "
+    assert err[0] == ("error: No space left on device: free space at --out, then rerun "
                       "with --resume"), err
     assert not list(tmp_path.glob("*/*.tmp*"))  # the disk is not left fuller still
 
