@@ -1802,6 +1802,7 @@ def test_kl_coef_zero_is_off():
 def test_help_shows_real_defaults_and_examples():
     text = G.make_parser().format_help()
     assert "default min(8, CPUs)" in text and "(default: None)" not in text
+    assert "(default:" not in text.split("--workers")[-1].split("--out")[0]  # not the CPU count
     assert G.get_args(["--dataset", "cifar10"]).workers == min(8, os.cpu_count())
     assert "(default: None)" not in text and "default 1024 (cls), 256 (seg)" in text
     assert "(default: 100)" in text
