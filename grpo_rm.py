@@ -965,6 +965,7 @@ def stop(signum, _):
 
 def main(argv=None):
     args = get_args(argv)
+    STOPPED.clear()  # a new run (main() may run several times in one process)
     socket.setdefaulttimeout(HUB_TIMEOUT_S)  # torch.hub's and torchvision's reads would wait on
     before = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -1247,6 +1247,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_temp_file(hub, imagefolder, tmp_p
         def write(self, b):
             raise OSError(errno.ENOSPC, "No space left on device")
     real_open = open
+    monkeypatch.setattr(G, "ignore_stops", lambda: None)  # this process keeps its handlers
     monkeypatch.setattr(G, "open", lambda path, mode="r", *a, **k: FullDisk(path, mode[0]) if (
         target in str(path) and "r" not in mode) else real_open(path, mode, *a, **k),
         raising=False)
@@ -1754,6 +1755,7 @@ def test_other_ranks_exit_quietly_whatever_rank_0_said(monkeypatch, capsys):
     def fail(argv):
         raise G.UserError("")  # rank 0 failed with an empty message (a bare assert)
     monkeypatch.setattr(G, "main", fail)
+    monkeypatch.setattr(G, "ignore_stops", lambda: None)  # this process keeps its handlers
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(SystemExit) as stop:
         G.cli([])
