@@ -332,7 +332,7 @@ def build_data(args, ctx):
     def read_all(data, rank=0, world=1):  # -> the highest class of the labels read
         top = -1
         part = Subset(data, range(rank, len(data), world))
-        for _, y in DataLoader(part, 64, num_workers=args.workers, worker_init_fn=ignore_stops):
+        for _, y in DataLoader(part, 16, num_workers=args.workers, worker_init_fn=ignore_stops):
             top = max(top, int(y.masked_fill(y == IGNORE, -1).max()))
         return top
     agree(ctx, lambda: read_all(train_eval, ctx.rank, ctx.world))
