@@ -5,7 +5,6 @@ fine-tuned (ce) or not (frozen), then evaluated frozen: SR and kNN, or pixel acc
 "Eq. (n)" cites the paper; "Open in the paper:" marks a point it leaves open, and what is done."""
 import argparse
 import copy
-import datetime
 import errno
 import functools
 import hashlib
@@ -19,6 +18,7 @@ import socket
 import sys
 import time
 from collections import namedtuple
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -361,7 +361,7 @@ def autocast(device, dtype):
                           enabled=dtype == torch.bfloat16)
 
 def setup(device, dtype, backend=None):
-    """-> Ctx; under torchrun the process group (NCCL on GPU, gloo on CPU), a gloo one for waits."""
+    """-> Ctx; under torchrun the process group (NCCL on GPU, else gloo), gloo's for long waits."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     backend = backend or ("nccl" if device == "cuda" else "gloo")
@@ -375,8 +375,7 @@ def setup(device, dtype, backend=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend)  # env:// from torchrun
-    long_wait = datetime.timedelta(hours=12)  # downloads, the hub cache: NCCL's watchdog sees none
-    wait_group = dist.new_group(backend="gloo", timeout=long_wait) if world > 1 else None
+    wait_group = dist.new_group(backend="gloo", timeout=timedelta(hours=12)) if world > 1 else None
     return Ctx(rank, world, dev, torch.bfloat16 if dtype == "bf16" else torch.float32, wait_group)
 
 def agree(ctx, fn):
@@ -549,8 +548,7 @@ def progress(hist, epoch, epochs, per_epoch, t0, n_images):
     eta = elapsed / (done - epoch * per_epoch) * (epochs * per_epoch - done)
     line = [f"epoch {epoch + 1}/{epochs} step {done}/{epochs * per_epoch}"]
     line += [f"{k} {v[-1]:.3g}" for k, v in s.items() if k != "step"]
-    line += [f"{n_images / elapsed:.0f} img/s",
-             f"training ETA {datetime.timedelta(seconds=round(eta))}"]
+    line += [f"{n_images / elapsed:.0f} img/s", f"training ETA {timedelta(seconds=round(eta))}"]
     print(" | ".join(line), flush=True)
 
 class RunStopped(UserError):
@@ -622,7 +620,7 @@ def extract(features, loader, device, dtype=torch.float32, spill=None, memory_gb
 
 def say_progress(what, done, total, unit, t0):
     """An evaluation phase's progress line: how far, and the time left at the pace so far."""
-    eta = datetime.timedelta(seconds=round((time.time() - t0) / done * (total - done)))
+    eta = timedelta(seconds=round((time.time() - t0) / done * (total - done)))
     print(f"  {what}: {done}/{total} {unit}, ETA {eta}", flush=True)
 
 def host_tensor(shape, dtype, path):
@@ -858,6 +856,7 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # under torchrun rank 0 alone says what is wrong; all exit with 2
         if int(os.environ.get("RANK", "0")) > 0:
+            time.sleep(10)  # rank 0 may still be importing torch; torchrun would stop it unheard
             sys.exit(2)
         super().error(message)
 

@@ -1718,7 +1718,7 @@ def test_failing_rank_stops_all(hub, imagefolder, tmp_path):
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode != 0 and time.time() - t0 < 90 and "1.png: cannot read image" in p.stderr
+    assert p.returncode != 0 and time.time() - t0 < 240 and "1.png: cannot read image" in p.stderr
     assert not list(tmp_path.glob("*/result.json"))
 
 
