@@ -210,8 +210,8 @@ def read_image(path, mode="RGB"):
 
 def ignore_stops(worker_id=None):
     """A Ctrl-C reaches the whole process group: workers (and later signals) leave it to main()."""
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, signal.SIG_IGN)
+    for s in (signal.SIGINT,) if worker_id is not None else (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)  # a worker dies on SIGTERM: how multiprocessing ends it
 
 def cls_transform(img_size, augment):
     # Open in the paper: augmentation. The lightest: resize, crop (centre: evaluation), flip.
