@@ -411,10 +411,11 @@ def colour(families, method, shade):
 
 
 def save(fig, root, stem):
-    """fig as PNG and PDF -> the file names."""
+    """fig as PNG and PDF -> the file names; no creation date, so a rebuild gives the same bytes."""
     names = [f"{stem}.png", f"{stem}.pdf"]
     for n in names:
-        fig.savefig(os.path.join(root, n), dpi=110)
+        fig.savefig(os.path.join(root, n), dpi=110, metadata={"CreationDate": None}
+                    if n.endswith(".pdf") else None)
     return names
 
 

@@ -294,6 +294,19 @@ def test_figure2_class_names_from_a_file(tmp_path, figures):
     assert key == ["road", "sky", "unlabelled"]
 
 
+def test_a_rebuilt_report_has_the_same_bytes(tmp_path, monkeypatch):
+    # matplotlib dates a PDF by the clock, or by SOURCE_DATE_EPOCH: two days apart here
+    _curves(tmp_path, "cifar10", 2)
+    for m in report.METHODS:
+        _vis(tmp_path, m, [0], 1)
+    built = []
+    for day in (0, 1):
+        monkeypatch.setenv("SOURCE_DATE_EPOCH", str(86400 * day))
+        report.report(str(tmp_path))
+        built.append({f.name: f.read_bytes() for f in tmp_path.glob("fig*")})
+    assert len(built[0]) == 5 and built[0] == built[1]
+
+
 def test_figure2_missing_says_what_it_has(tmp_path):
     _vis(tmp_path, "frozen", [0], 1, {"eval_lr": 1e-5})
     _vis(tmp_path, "ce", [0], 1)
