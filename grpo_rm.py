@@ -955,8 +955,10 @@ def run_name(args):
 
 STOPPED = []  # the RunStopped of the first stop signal
 
-def stop(signum, _):
+def stop(signum, _, main_pid=os.getpid()):
     """SIGTERM, SIGINT: one line; later ones ignored (torchrun's SIGTERM follows a Ctrl-C)."""
+    if os.getpid() != main_pid:  # a DataLoader worker forked, its worker_init_fn not yet run
+        os._exit(0)  # main() says it: quietly, no traceback
     ignore_stops()
     STOPPED.append(RunStopped(f"stopped by {signal.Signals(signum).name}: rerun with --resume to "
                               "go on from the last finished epoch"))
@@ -965,7 +967,7 @@ def stop(signum, _):
 def main(argv=None):
     args = get_args(argv)
     STOPPED.clear()  # a new run (main() may run several times in one process)
-    socket.setdefaulttimeout(HUB_TIMEOUT_S)  # torch.hub's and torchvision's reads would wait on
+    socket.setdefaulttimeout(HUB_TIMEOUT_S)  # torch.hub's and torchvision's reads: not forever
     before = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         return run(args, setup(args.device, args.dtype, args.dist_backend))
@@ -977,7 +979,6 @@ def main(argv=None):
 
 def cli(argv=None):
     """The command line: a bad input is one line on stderr (exit 2), a stop one line (exit 3)."""
-    rank = int(os.environ.get("RANK", "0"))
     ignore_stops()  # until main() is in charge, and after it
     try:
         main(argv)
@@ -990,7 +991,7 @@ def cli(argv=None):
                 e = RunStopped(f"{full.strerror}: free space at --out, then rerun with --resume")
             else:
                 raise
-        if rank == 0:  # under torchrun rank 0's error is one line, not one a rank (agree)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 alone says it (agree)
             msg = str(e).strip().splitlines()[-1]  # a worker's UserError comes as traceback text
             print(f"error: {msg.split('UserError: ', 1)[-1]}", file=sys.stderr)
         sys.exit(3 if isinstance(e, RunStopped) else 2)

@@ -1216,8 +1216,8 @@ STOP_LINE = "error: stopped by {}: rerun with --resume to go on from the last fi
     ("epoch 2/", signal.SIGINT, ["--batch-size", "1"]),  # a Ctrl-C: to the whole process group
     ("evaluating", signal.SIGTERM, ["--epochs", "1", "--eval-epochs", "1000000"])])
 def test_a_stop_to_the_process_group_is_one_line(hub, imagefolder, tmp_path, marker, sig, extra):
-    """The data-loading workers get the signal too; the main process alone says so. (In the
-    middle of a 24-step epoch: a signal while a worker is being forked is not covered.)"""
+    """The data-loading workers get the signal too; the main process alone says so (in the
+    middle of a 24-step epoch; a signal while a worker is being forked: the test below)."""
     argv = cls_args(hub, imagefolder, tmp_path, "--epochs", "1000", "--workers", "2", *extra)
     p = _popen_until(argv, marker, start_new_session=True)
     time.sleep(0.5 if marker == "evaluating" else 0)  # the features' workers have started
@@ -1239,6 +1239,22 @@ def test_torchrun_ctrl_c_is_one_line_from_rank_0(hub, imagefolder, tmp_path):
     assert [ln for ln in err.splitlines() if "error:" in ln] == [STOP_LINE.format("SIGINT")], err
     for needle in ["grpo_rm.py\", line", "RunStopped", "DataLoader worker", "Connection closed"]:
         assert needle not in err, err
+
+
+def test_a_stop_in_a_worker_before_its_init_leaves_it_to_main(tmp_path, monkeypatch):
+    """A DataLoader worker inherits main()'s stop handler when it is forked; a signal to the
+    process group may reach it before worker_init_fn: it exits quietly (no traceback of its own)."""
+    def fork_and_signal(args, ctx):  # as a worker is forked while main()'s handlers are in place
+        child = os.fork()
+        if child == 0:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(10)
+            finally:
+                os._exit(7)  # the handler raised: the worker would print its traceback
+        return os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+    monkeypatch.setattr(G, "run", fork_and_signal)
+    assert G.main(["--dataset", "imagefolder", "--device", "cpu", "--out", str(tmp_path)]) == 0
 
 
 @pytest.mark.parametrize("target", ["ckpt.pt.tmp", "metrics.jsonl"])
